@@ -1,0 +1,151 @@
+"""What a run writes and reads back: model folders (``best/``, ``last/``) and step checkpoints.
+
+A model folder holds the adapter with the trained head and pooler (or the whole model for
+``full``/``freeze``), the tokenizer or image processor, ``labels.json``, the resolved
+``config.yaml`` and ``metrics.json``; everything else (merge, predict, eval) starts from one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from peftkit import checkpoint
+from peftkit.config import Config, dump_config, read_yaml, validate_config
+from peftkit.errors import UserError
+from peftkit.loop import TrainState
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def save_model_folder(accelerator: Accelerator, model: nn.Module, target: Path, *, processor: Any, config: Config,
+                      labels: list[str], metrics: dict[str, Any]) -> None:
+    """Write a complete model folder atomically; collective (every process must call it)."""
+    # Gathers the full weights under ZeRO-3/FSDP, so the adapter and head are complete, not a shard.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = checkpoint.begin(target)
+        write_model_contents(accelerator.unwrap_model(model), tmp, state_dict=state_dict, processor=processor,
+                             config=config, labels=labels, metrics=metrics)
+        checkpoint.commit(target)
+    accelerator.wait_for_everyone()
+
+
+def write_model_contents(model: nn.Module, folder: Path, *, state_dict: dict[str, torch.Tensor] | None, processor: Any,
+                         config: Config, labels: list[str], metrics: dict[str, Any]) -> None:
+    """The files of a model folder, written into ``folder`` (no atomicity: callers provide it)."""
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    (folder / "config.yaml").write_text(dump_config(config))
+    checkpoint.write_json(folder / "labels.json", labels)
+    checkpoint.write_json(folder / "metrics.json", metrics)
+
+
+class RunSaver:
+    """The loop's :class:`~peftkit.loop.Checkpointer`: ``best/`` and atomic ``checkpoints/step-N``."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, run_dir: Path, *, processor: Any, config: Config,
+                 labels: list[str], keep: int) -> None:
+        self.accelerator, self.model, self.run_dir = accelerator, model, run_dir
+        self.processor, self.config, self.labels, self.keep = processor, config, labels, keep
+
+    def save_best(self, state: TrainState, metrics: dict[str, float]) -> None:
+        save_model_folder(self.accelerator, self.model, self.run_dir / "best", processor=self.processor,
+                          config=self.config, labels=self.labels, metrics={"step": state.step, "validation": metrics})
+
+    def save_model(self, name: str, metrics: dict[str, Any]) -> None:
+        save_model_folder(self.accelerator, self.model, self.run_dir / name, processor=self.processor,
+                          config=self.config, labels=self.labels, metrics=metrics)
+
+    def save_step(self, state: TrainState) -> None:
+        """Model, optimizer, scheduler, RNG and loop state; sealed with a manifest, then renamed."""
+        acc = self.accelerator
+        root = self.run_dir / "checkpoints"
+        target = root / f"step-{state.step:07d}"
+        if acc.is_main_process:
+            checkpoint.begin(target)
+        acc.wait_for_everyone()
+        tmp = checkpoint.temp_dir_for(target)
+        acc.save_state(str(tmp / "state"))
+        state_dict = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            write_model_contents(acc.unwrap_model(self.model), tmp / "model", state_dict=state_dict, processor=self.processor,
+                                 config=self.config, labels=self.labels, metrics={"step": state.step, "validation": state.last_eval})
+            checkpoint.write_json(tmp / "trainer_state.json", state.to_dict())
+            checkpoint.commit(target)
+            checkpoint.prune(root, self.keep)
+        acc.wait_for_everyone()
+
+
+def read_trainer_state(ckpt: Path) -> TrainState:
+    """The loop state saved in a step checkpoint."""
+    data = json.loads((ckpt / "trainer_state.json").read_text())
+    return TrainState(**data)
+
+
+@dataclass
+class Trained:
+    """A model folder loaded back: the model (adapter applied, or a plain model), its processor and config."""
+
+    model: nn.Module
+    processor: Any
+    config: Config
+    labels: list[str]
+    is_adapter: bool
+
+
+def model_folder(path: Path) -> Path:
+    """Accept a model folder, a run directory (uses ``best/``) or a step checkpoint (uses ``model/``)."""
+    for candidate in (path, path / "best", path / "model", path / "last"):
+        if (candidate / "config.yaml").is_file() and (candidate / "labels.json").is_file():
+            return candidate
+    raise UserError(f"{path} is not a peftkit run or model folder (no config.yaml and labels.json in it, its best/ or model/).")
+
+
+def load_trained(path: Path, *, quantized: bool = True, device: str | torch.device = "cpu") -> Trained:
+    """Load a model folder as it was trained (``quantized=False`` puts the adapter on a full-precision base)."""
+    from peftkit.models import TASKS, load_backbone, load_processor
+    from peftkit.quant import bnb_config, disable_cpu_repacking
+
+    folder = model_folder(Path(path))
+    reason = checkpoint.verify_manifest(folder)
+    if reason is not None and (folder / checkpoint.MANIFEST).exists():
+        raise UserError(f"Model folder {folder} fails verification: {reason}. Use another checkpoint or retrain.")
+    config = validate_config(read_yaml(folder / "config.yaml"), source=str(folder / "config.yaml"))
+    labels = json.loads((folder / "labels.json").read_text())
+    processor = load_processor(str(folder), config.model.task)
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if not is_adapter:
+        model = TASKS[config.model.task].auto_model.from_pretrained(folder, use_safetensors=True)
+        return Trained(model.to(device).eval(), processor, config, labels, False)
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"Adapter folder {folder} is missing {missing}; the checkpoint is incomplete.")
+    from peft import PeftModel
+
+    from peftkit.models import architecture_for, load_model_config
+
+    q = config.quantization
+    quant = None
+    if quantized and q.bits:
+        arch = architecture_for(load_model_config(config.model.name).model_type)
+        quant = bnb_config(q.bits, quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
+                           skip_modules=list(arch.head))
+    base = load_backbone(config.model.name, config.model.task, labels, dtype=config.model.dtype if quant else "float32",
+                         revision=config.model.revision, trust_remote_code=config.model.trust_remote_code, quantization_config=quant)
+    try:
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    except Exception as exc:  # safetensors/peft raise several types for a damaged file
+        raise UserError(f"The adapter in {folder} cannot be loaded ({str(exc).splitlines()[0][:300]}); the file is corrupted or does not match `model.name: {config.model.name}`.") from None
+    if quant is not None:
+        disable_cpu_repacking(model)
+    else:
+        model = model.to(device)
+    return Trained(model.eval(), processor, config, labels, True)
