@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from peftkit.errors import UserError
 
@@ -34,7 +34,8 @@ class ModelSection(Section):
     labels: list[str] | None = Field(None, description="Label names; inferred from the training data when omitted.")
     dtype: DType = Field("float32", description="dtype the backbone weights are loaded in.")
     revision: str | None = None
-    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
+    # Strict: only a YAML boolean `true` turns it on, never a string such as "no" or "0".
+    trust_remote_code: StrictBool = Field(False, description="Run code shipped with the model; off unless you trust it.")
 
 
 class AdapterSection(Section):
@@ -61,9 +62,9 @@ class DataSection(Section):
     validation: str | None = Field(None, description="Same forms as `train`; carved from train when omitted.")
     test: str | None = Field(None, description="Held-out data evaluated once at the end of the run.")
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    text_column: str | None = "text"
+    text_column: str | None = Field(None, description="Text column (text tasks; `text` when omitted).")
     text_pair_column: str | None = None
-    image_column: str | None = "image"
+    image_column: str | None = Field(None, description="Image column (image tasks; `image` when omitted).")
     label_column: str = "label"
     max_length: int = Field(128, ge=8)
     augment: bool = Field(False, description="Light image augmentation (flip, crop) on the training split only.")
@@ -119,6 +120,18 @@ class Config(Section):
         task, data = self.model.task, self.data
         if task == "image-classification" and data.text_pair_column:
             raise ValueError("data.text_pair_column is set on an image task; remove it or set model.task: text-classification")
+        # A column of the other modality is a sign of a wrong task or a copied config. The defaults
+        # are filled here, per task, so a saved config.yaml validates again unchanged.
+        if task == "image-classification" and data.text_column:
+            raise ValueError(f"data.text_column: {data.text_column} is set on an image task (model.task: {task}); "
+                             "remove it and set data.image_column, or set model.task: text-classification")
+        if task == "text-classification" and data.image_column:
+            raise ValueError(f"data.image_column: {data.image_column} is set on a text task (model.task: {task}); "
+                             "remove it and set data.text_column, or set model.task: image-classification")
+        if task == "text-classification" and data.text_column is None:
+            data.text_column = "text"
+        if task == "image-classification" and data.image_column is None:
+            data.image_column = "image"
         if self.adapter.method == "adalora" and self.adapter.target_r > self.adapter.init_r:
             raise ValueError("adapter.target_r must not exceed adapter.init_r for AdaLoRA")
         if self.quantization.bits and self.adapter.method == "full":
@@ -150,6 +163,8 @@ def _explain(err: ValidationError, source: str) -> UserError:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key `{key}`.{_closest(str(loc[-1]), _section_of(loc))} Remove or rename it.")
+        elif e["type"] == "value_error" and not loc:  # a cross-field check: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, ") + ".")
         elif e["type"] == "missing":
             lines.append(f"`{key}` is required; add it to the config or pass `{key}=...`.")
         else:

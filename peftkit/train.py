@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from peftkit import checkpoint
 from peftkit.adapters import METHODS, AdapterSpec, count_parameters, inject
-from peftkit.artifacts import RunSaver, read_trainer_state
+from peftkit.artifacts import RunSaver, load_scheduler_state, read_trainer_state
 from peftkit.config import Config, dump_config, load_config
 from peftkit.data import infer_labels, load_splits, make_loader, prepare
 from peftkit.distributed import make_accelerator, topology_summary
@@ -61,11 +61,13 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     run_dir = Path(config.output.dir)
 
     # ---- launch and run directory ------------------------------------------------------
-    accelerator = make_accelerator(precision=tc.precision, grad_accum=tc.grad_accum, run_dir=str(run_dir),
+    accelerator = make_accelerator(precision=tc.precision, grad_accum=tc.grad_accum, batch_size=tc.batch_size,
+                                   max_grad_norm=tc.max_grad_norm, optimizer=tc.optimizer, run_dir=str(run_dir),
                                    trackers=accelerate_trackers(config.output.trackers))
     main = accelerator.is_main_process
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
+    accelerator.wait_for_everyone()  # every rank has looked at the folder before the main one writes into it
     if main:
         if overwrite and resume_from is None and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -88,6 +90,10 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
 
     # ---- model: backbone (optionally quantized) + new head + adapter ---------------------
     check_4bit_widths(model_config, qc.bits)
+    if qc.bits and tc.precision != "no" and model_config.model_type.startswith("deberta"):
+        raise UserError(f"`train.precision: {tc.precision}` with `quantization.bits: {qc.bits}` breaks DeBERTa's attention "
+                        "(its fp32 mask value overflows the half-precision scores). Set `train.precision: no`: the quantized "
+                        "layers already compute in `quantization.compute_dtype`.")
     quant = bnb_config(qc.bits, quant_type=qc.quant_type, double_quant=qc.double_quant, compute_dtype=qc.compute_dtype,
                        skip_modules=list(arch.head))
     model = load_backbone(mc.name, mc.task, labels, dtype=mc.dtype, revision=mc.revision,
@@ -123,8 +129,8 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
                                warmup=warmup_steps(total_steps, tc.warmup_ratio, tc.warmup_steps))
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # The scheduler is stepped once per optimizer step by the loop (not prepared, which would step it
-    # once per process), and registered so checkpoints carry it.
-    accelerator.register_for_checkpointing(scheduler)
+    # once per process). Checkpoints carry it as JSON (RunSaver), not through
+    # accelerator.register_for_checkpointing, whose pickle is loaded with weights_only=False.
     if main and accelerate_trackers(config.output.trackers):
         accelerator.init_trackers("peftkit", config={"lr": tc.lr, "method": ac.method, "batch": tc.batch_size})
 
@@ -132,6 +138,7 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     state = TrainState()
     if resume_from is not None:
         accelerator.load_state(str(resume_from / "state"))
+        load_scheduler_state(resume_from, scheduler)
         state = read_trainer_state(resume_from)
         state.interrupted = False
         if main:
@@ -151,7 +158,8 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
               f"({per_epoch} per epoch) | lr {tc.lr} ({tc.schedule}, head {tc.head_lr or tc.lr}, layer decay {tc.layer_decay})")
 
     # ---- train ----------------------------------------------------------------------------------------
-    saver = RunSaver(accelerator, model, run_dir, processor=processor, config=config, labels=labels, keep=config.output.keep_checkpoints)
+    saver = RunSaver(accelerator, model, run_dir, processor=processor, config=config, labels=labels, keep=config.output.keep_checkpoints,
+                     scheduler=scheduler)
     settings = LoopSettings(total_steps=total_steps, max_grad_norm=tc.max_grad_norm, eval_every=tc.eval_every,
                             metric_for_best=tc.metric_for_best, early_stopping_patience=tc.early_stopping_patience,
                             log_every=tc.log_every, on_nan=tc.on_nan, global_batch=tc.batch_size * tc.grad_accum * accelerator.num_processes)
