@@ -168,7 +168,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); 4-bit weights count as the parameters they stand for, not their bytes."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves an empty local shard
         if type(param).__name__ == "Params4bit":
             n *= 2  # two 4-bit values per stored byte
         total += n

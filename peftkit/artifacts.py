@@ -22,6 +22,7 @@ from peftkit.errors import UserError
 from peftkit.loop import TrainState
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SCHEDULER_FILE = "scheduler.json"
 
 
 def save_model_folder(accelerator: Accelerator, model: nn.Module, target: Path, *, processor: Any, config: Config,
@@ -52,9 +53,10 @@ class RunSaver:
     """The loop's :class:`~peftkit.loop.Checkpointer`: ``best/`` and atomic ``checkpoints/step-N``."""
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, run_dir: Path, *, processor: Any, config: Config,
-                 labels: list[str], keep: int) -> None:
+                 labels: list[str], keep: int, scheduler: Any = None) -> None:
         self.accelerator, self.model, self.run_dir = accelerator, model, run_dir
         self.processor, self.config, self.labels, self.keep = processor, config, labels, keep
+        self.scheduler = scheduler
 
     def save_best(self, state: TrainState, metrics: dict[str, float]) -> None:
         save_model_folder(self.accelerator, self.model, self.run_dir / "best", processor=self.processor,
@@ -79,6 +81,10 @@ class RunSaver:
             write_model_contents(acc.unwrap_model(self.model), tmp / "model", state_dict=state_dict, processor=self.processor,
                                  config=self.config, labels=self.labels, metrics={"step": state.step, "validation": state.last_eval})
             checkpoint.write_json(tmp / "trainer_state.json", state.to_dict())
+            if self.scheduler is not None:
+                # JSON, not accelerate's register_for_checkpointing: that pickles the state and
+                # unpickles it with weights_only=False on resume.
+                checkpoint.write_json(tmp / SCHEDULER_FILE, self.scheduler.state_dict())
             checkpoint.commit(target)
             checkpoint.prune(root, self.keep)
         acc.wait_for_everyone()
@@ -88,6 +94,11 @@ def read_trainer_state(ckpt: Path) -> TrainState:
     """The loop state saved in a step checkpoint."""
     data = json.loads((ckpt / "trainer_state.json").read_text())
     return TrainState(**data)
+
+
+def load_scheduler_state(ckpt: Path, scheduler: Any) -> None:
+    """Restore the LR schedule saved as JSON in a step checkpoint."""
+    scheduler.load_state_dict(json.loads((ckpt / SCHEDULER_FILE).read_text()))
 
 
 @dataclass
@@ -109,8 +120,11 @@ def model_folder(path: Path) -> Path:
     raise UserError(f"{path} is not a peftkit run or model folder (no config.yaml and labels.json in it, its best/ or model/).")
 
 
-def load_trained(path: Path, *, quantized: bool = True, device: str | torch.device = "cpu") -> Trained:
-    """Load a model folder as it was trained (``quantized=False`` puts the adapter on a full-precision base)."""
+def load_trained(path: Path, *, quantized: bool = True, device: str | torch.device = "cpu", base_path: str | None = None) -> Trained:
+    """Load a model folder as it was trained (``quantized=False`` puts the adapter on a full-precision base).
+
+    ``base_path`` replaces the config's ``model.name`` (the base moved, or is on another machine).
+    """
     from peftkit.models import TASKS, load_backbone, load_processor
     from peftkit.quant import bnb_config, disable_cpu_repacking
 
@@ -132,6 +146,8 @@ def load_trained(path: Path, *, quantized: bool = True, device: str | torch.devi
 
     from peftkit.models import architecture_for, load_model_config
 
+    if base_path is not None:
+        config.model.name = str(base_path)
     q = config.quantization
     quant = None
     if quantized and q.bits:

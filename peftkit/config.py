@@ -166,7 +166,8 @@ def _explain(err: ValidationError, source: str) -> UserError:
         elif e["type"] == "value_error" and not loc:  # a cross-field check: its message names the keys
             lines.append(e["msg"].removeprefix("Value error, ") + ".")
         elif e["type"] == "missing":
-            lines.append(f"`{key}` is required; add it to the config or pass `{key}=...`.")
+            fix = f"add a `{key}:` section" if len(loc) == 1 else f"add it to the config or pass `{key}=...`"
+            lines.append(f"`{key}` is required; {fix}.")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
@@ -202,7 +203,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or a section with every key commented out
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise UserError(f"Override `{text}`: `{part}` is a value, not a section.")
             node = child
@@ -236,6 +239,8 @@ def load_config(name: str | Path, overrides: list[str] | None = None) -> Config:
 
 def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> Config:
     """Validate a raw mapping into a :class:`Config`."""
+    # A section whose keys are all commented out reads as None: it means "all defaults".
+    raw = {k: ({} if v is None and k in Config.model_fields else v) for k, v in raw.items()}
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from peftkit.config import Config, DataSection
 from peftkit.errors import UserError
 
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -95,11 +96,24 @@ def _load_image_folder(path: Path, key: str) -> Dataset:
     files = [f for c in classes for f in sorted(c.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not classes or not files:
         raise UserError(f"`data.{key}: {path}` holds no images in class sub-folders (expected {path}/<label>/<image>.png).")
+    _check_images(files, path, key)
     try:
         data = load_dataset("imagefolder", data_dir=str(path), split="train")
     except Exception as exc:
         raise UserError(f"`data.{key}: {path}` cannot be read as an image folder: {str(exc).splitlines()[0]}") from None
     return data
+
+
+def _check_images(files: list[Path], folder: Path, key: str) -> None:
+    """Open every image's header now, so a broken file fails before the model loads, not mid-epoch."""
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                image.size  # noqa: B018 (the header is parsed lazily; this makes PIL read it)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise UserError(f"`data.{key}: {folder}`: {f} is not a readable image ({str(exc).splitlines()[0]}). Remove or replace it.") from None
 
 
 def _load_hub(source: str, key: str) -> dict[str, Dataset]:
@@ -121,8 +135,25 @@ class Splits:
     test: Dataset | None
 
 
+def _carve_validation(ds: Dataset, fraction: float, seed: int, label_column: str) -> tuple[Dataset, Dataset]:
+    """A seeded split, stratified by label when every label has at least two rows.
+
+    Stratifying keeps rare labels in the training split too (a random carve can move all rows of
+    a rare label into validation, which then holds a label training never saw).
+    """
+    from sklearn.model_selection import train_test_split
+
+    indices = list(range(len(ds)))
+    labels = [str(v) for v in ds[label_column]] if label_column in ds.column_names else None
+    counts = {v: labels.count(v) for v in set(labels)} if labels else {}
+    n_val = max(1, round(fraction * len(ds)))
+    stratify = labels if counts and min(counts.values()) >= 2 and len(counts) <= n_val <= len(ds) - len(counts) else None
+    train_idx, val_idx = train_test_split(indices, test_size=n_val, random_state=seed, stratify=stratify)
+    return ds.select(sorted(train_idx)), ds.select(sorted(val_idx))
+
+
 def load_splits(train: str, validation: str | None, test: str | None, *, validation_fraction: float, seed: int,
-                max_train_samples: int | None = None, max_eval_samples: int | None = None) -> Splits:
+                max_train_samples: int | None = None, max_eval_samples: int | None = None, label_column: str = "label") -> Splits:
     """Train, validation (carved from train with ``seed`` when none is given) and optional test."""
     main = load_source(train, "train")
     train_ds = main["train"]
@@ -131,8 +162,7 @@ def load_splits(train: str, validation: str | None, test: str | None, *, validat
     if val_ds is None:
         if len(train_ds) < 2:
             raise UserError(f"`data.train: {train}` has {len(train_ds)} rows; at least 2 are needed to carve a validation split.")
-        parts = train_ds.train_test_split(test_size=validation_fraction, seed=seed)
-        train_ds, val_ds = parts["train"], parts["test"]
+        train_ds, val_ds = _carve_validation(train_ds, validation_fraction, seed, label_column)
     if max_train_samples:
         train_ds = train_ds.select(range(min(max_train_samples, len(train_ds))))
     if max_eval_samples:
@@ -160,6 +190,7 @@ def infer_labels(train: Dataset, label_column: str, configured: list[str] | None
     """Label names: the config's, else the data's ClassLabel names, else the sorted distinct values."""
     if configured:
         return list(configured)
+    check_columns(train, "train", {"label_column": label_column})
     feature = train.features.get(label_column)
     if isinstance(feature, ClassLabel):
         return list(feature.names)
@@ -177,7 +208,12 @@ def encode_labels(ds: Dataset, split: str, label_column: str, labels: list[str])
         names = list(feature.names)
         values = [names[v] for v in ds[label_column]]
     else:
-        values = [str(v) for v in ds[label_column]]
+        raw = ds[label_column]
+        empty = [i for i, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip())]
+        if empty:
+            raise UserError(f"Row {empty[0]} of the {split} data has an empty label in column `{label_column}` "
+                            f"({len(empty)} such rows); fill or drop them.")
+        values = [str(v) for v in raw]
     unknown = sorted(set(values) - set(index))
     if unknown:
         raise UserError(
@@ -340,3 +376,26 @@ def prepare(splits: Splits, *, task: str, processor: Any, labels: list[str], tex
         out[split] = ds
     collate = text_collate(processor) if is_text else image_collate
     return Prepared(out["train"], out["validation"], out["test"], collate)
+
+
+def splits_for(data: DataSection, *, seed: int) -> Splits:
+    """:func:`load_splits` with the arguments of a ``data:`` section."""
+    return load_splits(data.train, data.validation, data.test, validation_fraction=data.validation_fraction, seed=seed,
+                       max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
+                       label_column=data.label_column)
+
+
+def prepared_for(config: Config, *, processor: Any, labels: list[str], splits: Splits | None = None, augment: bool | None = None) -> Prepared:
+    """The run's data, exactly as training saw it (``augment=False`` for evaluating a trained model)."""
+    dc = config.data
+    splits = splits or splits_for(dc, seed=config.train.seed)
+    return prepare(splits, task=config.model.task, processor=processor, labels=labels, text_column=dc.text_column,
+                   text_pair_column=dc.text_pair_column, image_column=dc.image_column, label_column=dc.label_column,
+                   max_length=dc.max_length, augment=dc.augment if augment is None else augment, seed=config.train.seed)
+
+
+def validation_loader(config: Config, *, processor: Any, labels: list[str]) -> DataLoader:
+    """The validation loader of a run, in the order and batches its evaluations used."""
+    prepared = prepared_for(config, processor=processor, labels=labels, augment=False)
+    return make_loader(prepared.validation, batch_size=config.train.eval_batch_size or config.train.batch_size,
+                       collate=prepared.collate, shuffle=False)

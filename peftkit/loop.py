@@ -135,6 +135,14 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+def _mean_over_processes(accelerator: Accelerator, total: float, count: int) -> float:
+    """The mean of per-micro-batch losses over every process (collective), not the main process's shard alone."""
+    if accelerator.num_processes == 1:
+        return total / max(count, 1)
+    t = accelerator.reduce(torch.tensor([total, float(count)], device=accelerator.device), reduction="sum")
+    return float(t[0] / max(t[1].item(), 1.0))
+
+
 def fit(
     accelerator: Accelerator,
     model: nn.Module,
@@ -222,9 +230,10 @@ def fit(
                         tqdm.write(f"[peftkit] non-finite loss at step {state.step}: step skipped (train.on_nan: skip)")
                     if main:
                         log.log({"step": state.step, "skipped_nonfinite": 1})
-                if state.step % s.log_every == 0 or state.step == s.total_steps:
+                # A window of only skipped (non-finite) steps has no loss to report; it carries over.
+                if (state.step % s.log_every == 0 or state.step == s.total_steps) and running_n:
                     elapsed = time.perf_counter() - window_start
-                    row = {"step": state.step, "epoch": state.epoch, "loss": running_loss / max(running_n, 1),
+                    row = {"step": state.step, "epoch": state.epoch, "loss": _mean_over_processes(accelerator, running_loss, running_n),
                            "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9)}
                     if main:
                         log.log(row)

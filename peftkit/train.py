@@ -21,7 +21,7 @@ from peftkit import checkpoint
 from peftkit.adapters import METHODS, AdapterSpec, count_parameters, inject
 from peftkit.artifacts import RunSaver, load_scheduler_state, read_trainer_state
 from peftkit.config import Config, dump_config, load_config
-from peftkit.data import infer_labels, load_splits, make_loader, prepare
+from peftkit.data import infer_labels, make_loader, prepared_for, splits_for
 from peftkit.distributed import make_accelerator, topology_summary
 from peftkit.errors import UserError, guarded
 from peftkit.loop import LoopSettings, TrainState, evaluate, fit, steps_per_epoch
@@ -77,16 +77,13 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     set_seed(tc.seed)
 
     # ---- data (checked before any weights are read) --------------------------------------
-    splits = load_splits(dc.train, dc.validation, dc.test, validation_fraction=dc.validation_fraction, seed=tc.seed,
-                         max_train_samples=dc.max_train_samples, max_eval_samples=dc.max_eval_samples)
+    splits = splits_for(dc, seed=tc.seed)
     labels = infer_labels(splits.train, dc.label_column, mc.labels)
     model_config = load_model_config(mc.name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     arch = architecture_for(model_config.model_type)
     processor = load_processor(mc.name, mc.task, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     with accelerator.main_process_first():
-        prepared = prepare(splits, task=mc.task, processor=processor, labels=labels, text_column=dc.text_column,
-                           text_pair_column=dc.text_pair_column, image_column=dc.image_column, label_column=dc.label_column,
-                           max_length=dc.max_length, augment=dc.augment, seed=tc.seed)
+        prepared = prepared_for(config, processor=processor, labels=labels, splits=splits)
 
     # ---- model: backbone (optionally quantized) + new head + adapter ---------------------
     check_4bit_widths(model_config, qc.bits)

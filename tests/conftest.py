@@ -89,5 +89,8 @@ def accelerate_launch(*args: str, num_processes: int = 1, extra: list[str] | Non
         topo = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", "0"]
     else:
         topo = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})}
-    return subprocess.run([*launcher, *topo, str(TRAIN_SCRIPT), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    # DeepSpeed JIT-compiles its ops on first use; a folder inside the repo (gitignored .cache/) keeps them between runs.
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+                **(env or {})}
+    # Run from the repo root: launch configs name their DeepSpeed JSONs relative to it.
+    return subprocess.run([*launcher, *topo, str(TRAIN_SCRIPT), *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)

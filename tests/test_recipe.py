@@ -9,7 +9,7 @@ import pytest
 from conftest import accelerate_launch, image_config, text_config, write_yaml
 
 from peftkit.artifacts import load_trained
-from peftkit.data import load_splits, make_loader, prepare
+from peftkit.data import validation_loader
 from peftkit.tracking import read_log
 
 pytestmark = pytest.mark.slow
@@ -31,15 +31,7 @@ def _reload_and_evaluate(run_dir: Path) -> tuple[dict, dict]:
     from peftkit.loop import evaluate
 
     trained = load_trained(run_dir / "best")
-    cfg = trained.config
-    dc = cfg.data
-    splits = load_splits(dc.train, dc.validation, dc.test, validation_fraction=dc.validation_fraction, seed=cfg.train.seed,
-                         max_train_samples=dc.max_train_samples, max_eval_samples=dc.max_eval_samples)
-    prepared = prepare(splits, task=cfg.model.task, processor=trained.processor, labels=trained.labels, text_column=dc.text_column,
-                       text_pair_column=dc.text_pair_column, image_column=dc.image_column, label_column=dc.label_column,
-                       max_length=dc.max_length, augment=False, seed=cfg.train.seed)
-    loader = make_loader(prepared.validation, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                         collate=prepared.collate, shuffle=False)
+    loader = validation_loader(trained.config, processor=trained.processor, labels=trained.labels)
     reproduced = evaluate(trained.model, loader, Accelerator(cpu=True))
     logged = json.loads((run_dir / "best" / "metrics.json").read_text())["validation"]
     return reproduced, logged
