@@ -26,6 +26,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 from peftkit.errors import UserError
 
@@ -168,12 +169,18 @@ def load_backbone(
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    verbosity = hf_logging.get_verbosity()
+    # transformers' load report ("MISSING ... newly initialized") is expected for a new head; the
+    # start-up summary names what trains instead, so the report is silenced.
+    hf_logging.set_verbosity_error()
     try:
         # The pretrained checkpoint may carry a head of another size; the new one is initialised.
         model, info = spec.auto_model.from_pretrained(name, ignore_mismatched_sizes=True, use_safetensors=_prefers_safetensors(name),
                                                       output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"`model.name: {name}` cannot be loaded for {task}: {str(exc).splitlines()[0]}.{_hub_hint(name)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     # Remember what the checkpoint did not have (the head, DeBERTa's pooler...): those modules are
     # random and must be trained and saved, never left frozen at their initial values.
     model.peftkit_new_parameters = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())})
