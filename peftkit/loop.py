@@ -39,7 +39,6 @@ class LoopSettings:
     early_stopping_patience: int | None = None
     log_every: int = 10
     on_nan: str = "stop"
-    global_batch: int = 1
 
 
 @dataclass
@@ -58,6 +57,8 @@ class TrainState:
     train_seconds: float = 0.0
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_step: int = -1
+    micro_batch: int = 0  # the micro-batch and accumulation the run trains with (auto_batch may change them)
+    grad_accum: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +128,23 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def _batches(loader: Any) -> Any:
+    """The loader's batches, fetched without touching the global torch RNG.
+
+    Starting a DataLoader iterator draws a seed from the global RNG, and a resumed run starts one
+    more (the skip-ahead loader) than the uninterrupted run did; on CPU, where dropout draws from the
+    same RNG, the resumed run's dropout masks would then differ from the uninterrupted run's.
+    """
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
+
+
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process when it is true on any (so all take the same branch)."""
     if accelerator.num_processes == 1:
@@ -191,7 +209,7 @@ def fit(
                 train_loader.set_epoch(state.epoch)
             if state.batches_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            for batch in loader:
+            for batch in _batches(loader):
                 with accelerator.accumulate(model):
                     out = model(**batch)
                     loss = out.loss

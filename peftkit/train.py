@@ -20,12 +20,13 @@ from accelerate.utils import set_seed
 from peftkit import checkpoint
 from peftkit.adapters import METHODS, AdapterSpec, count_parameters, inject
 from peftkit.artifacts import RunSaver, load_scheduler_state, read_trainer_state
+from peftkit.autobatch import fit_micro_batch, probe_rows
 from peftkit.config import Config, dump_config, load_config
 from peftkit.data import infer_labels, make_loader, prepared_for, splits_for
 from peftkit.distributed import make_accelerator, topology_summary
 from peftkit.errors import UserError, guarded
 from peftkit.loop import LoopSettings, TrainState, evaluate, fit, steps_per_epoch
-from peftkit.memory import peak_memory
+from peftkit.memory import peak_memory, print_estimate
 from peftkit.models import architecture_for, head_modules, load_backbone, load_model_config, load_processor
 from peftkit.optim import make_optimizer, make_scheduler, param_groups, warmup_steps
 from peftkit.quant import bnb_config, check_4bit_widths, prepare_for_kbit_training
@@ -104,27 +105,45 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
         model.enable_input_require_grads()
 
     # ---- loaders and step counts ----------------------------------------------------------
+    micro, accum = tc.batch_size, tc.grad_accum
     eval_bs = tc.eval_batch_size or tc.batch_size
-    train_loader = make_loader(prepared.train, batch_size=tc.batch_size, collate=prepared.collate, shuffle=True,
-                               seed=tc.seed, group_by_length=tc.group_by_length)
-    eval_loader = make_loader(prepared.validation, batch_size=eval_bs, collate=prepared.collate, shuffle=False)
-    per_process_batches = math.ceil(len(train_loader) / accelerator.num_processes)
-    per_epoch = steps_per_epoch(per_process_batches, tc.grad_accum)
-    total_steps = tc.max_steps or max(math.ceil(per_epoch * tc.epochs), 1)
 
+    def train_loader_for(batch_size: int) -> Any:
+        return make_loader(prepared.train, batch_size=batch_size, collate=prepared.collate, shuffle=True,
+                           seed=tc.seed, group_by_length=tc.group_by_length)
+
+    def optimizer_steps(batch_size: int, grad_accum: int) -> tuple[int, int]:
+        per_process_batches = math.ceil(math.ceil(len(prepared.train) / batch_size) / accelerator.num_processes)
+        per_epoch = steps_per_epoch(per_process_batches, grad_accum)
+        return tc.max_steps or max(math.ceil(per_epoch * tc.epochs), 1), per_epoch
+
+    total_steps, per_epoch = optimizer_steps(micro, accum)
     spec = AdapterSpec(method=ac.method, r=ac.r, alpha=ac.alpha, dropout=ac.dropout, target_modules=ac.target_modules,
                        modules_to_save=ac.modules_to_save, init_r=ac.init_r, target_r=ac.target_r, total_steps=total_steps)
     heads = head_modules(model, arch)
     model, targets = inject(model, arch, spec)
     trainable, total = count_parameters(model)
 
-    # ---- optimizer and schedule -------------------------------------------------------------
+    # ---- optimizer, prepare, micro-batch, schedule ------------------------------------------------
     groups = param_groups(model, arch, lr=tc.lr, weight_decay=tc.weight_decay, heads=heads, head_lr=tc.head_lr,
                           layer_decay=tc.layer_decay, num_layers=int(getattr(model_config, "num_hidden_layers", 0) or 0))
-    optimizer = make_optimizer(groups, tc.optimizer, tc.lr)
-    scheduler = make_scheduler(optimizer, tc.schedule, total_steps=total_steps,
+    raw_optimizer = make_optimizer(groups, tc.optimizer, tc.lr)
+    eval_loader = make_loader(prepared.validation, batch_size=eval_bs, collate=prepared.collate, shuffle=False)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, raw_optimizer, train_loader_for(micro), eval_loader)
+    recorded = read_trainer_state(resume_from) if resume_from is not None else None
+    if recorded is not None and recorded.micro_batch:
+        micro, accum = recorded.micro_batch, recorded.grad_accum  # a resumed run keeps the batches it had
+    elif tc.auto_batch:
+        micro, accum = fit_micro_batch(accelerator, model, lambda n: probe_rows(prepared.train, prepared.collate, n), micro, accum)
+    if (micro, accum) != (tc.batch_size, tc.grad_accum):
+        if main:
+            print(f"[peftkit] micro-batch {tc.batch_size} x {tc.grad_accum} accum does not fit; training with "
+                  f"{micro} x {accum} accum (same effective batch)")
+        accelerator.gradient_accumulation_steps = accum
+        train_loader = accelerator.prepare(train_loader_for(micro))
+        total_steps, per_epoch = optimizer_steps(micro, accum)
+    scheduler = make_scheduler(raw_optimizer, tc.schedule, total_steps=total_steps,
                                warmup=warmup_steps(total_steps, tc.warmup_ratio, tc.warmup_steps))
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # The scheduler is stepped once per optimizer step by the loop (not prepared, which would step it
     # once per process). Checkpoints carry it as JSON (RunSaver), not through
     # accelerator.register_for_checkpointing, whose pickle is loaded with weights_only=False.
@@ -132,11 +151,11 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
         accelerator.init_trackers("peftkit", config={"lr": tc.lr, "method": ac.method, "batch": tc.batch_size})
 
     # ---- resume --------------------------------------------------------------------------------
-    state = TrainState()
-    if resume_from is not None:
+    state = TrainState(micro_batch=micro, grad_accum=accum)
+    if resume_from is not None and recorded is not None:
         accelerator.load_state(str(resume_from / "state"))
         load_scheduler_state(resume_from, scheduler)
-        state = read_trainer_state(resume_from)
+        state = recorded
         state.interrupted = False
         if main:
             _truncate_log(run_dir / "metrics.jsonl", state.step)
@@ -149,17 +168,18 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
         print(f"[peftkit] adapter {ac.method} on {len(targets.modules)} modules; trained in full: {targets.to_save} | "
               f"trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
               + (f" | base in {qc.bits}-bit" if qc.bits else ""))
-        print(f"[peftkit] {topology_summary(accelerator, tc.batch_size, tc.grad_accum)}")
+        print(f"[peftkit] {topology_summary(accelerator, micro, accum)}")
         print(f"[peftkit] data: {len(prepared.train)} train / {len(prepared.validation)} validation"
               f"{'' if prepared.test is None else f' / {len(prepared.test)} test'} | {total_steps} optimizer steps "
               f"({per_epoch} per epoch) | lr {tc.lr} ({tc.schedule}, head {tc.head_lr or tc.lr}, layer decay {tc.layer_decay})")
+        print_estimate(config, processes=accelerator.num_processes, device=accelerator.device.type, num_labels=len(labels))
 
     # ---- train ----------------------------------------------------------------------------------------
     saver = RunSaver(accelerator, model, run_dir, processor=processor, config=config, labels=labels, keep=config.output.keep_checkpoints,
                      scheduler=scheduler)
     settings = LoopSettings(total_steps=total_steps, max_grad_norm=tc.max_grad_norm, eval_every=tc.eval_every,
                             metric_for_best=tc.metric_for_best, early_stopping_patience=tc.early_stopping_patience,
-                            log_every=tc.log_every, on_nan=tc.on_nan, global_batch=tc.batch_size * tc.grad_accum * accelerator.num_processes)
+                            log_every=tc.log_every, on_nan=tc.on_nan)
     state = fit(accelerator, model, optimizer, scheduler, train_loader, eval_loader, settings, saver,
                 FileLog(run_dir, config.output.trackers, enabled=main), state, after_step=METHODS[ac.method].after_backward)
 
