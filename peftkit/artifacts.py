@@ -8,6 +8,7 @@ A model folder holds the adapter with the trained head and pooler (or the whole 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,11 @@ def read_trainer_state(ckpt: Path) -> TrainState:
 
 def load_scheduler_state(ckpt: Path, scheduler: Any) -> None:
     """Restore the LR schedule saved as JSON in a step checkpoint."""
-    scheduler.load_state_dict(json.loads((ckpt / SCHEDULER_FILE).read_text()))
+    path = ckpt / SCHEDULER_FILE
+    if not path.is_file():
+        raise UserError(f"{ckpt} has no {SCHEDULER_FILE} (written by an older peftkit, which pickled the schedule); "
+                        "resume from a newer checkpoint or start the run again with `--overwrite`.")
+    scheduler.load_state_dict(json.loads(path.read_text()))
 
 
 @dataclass
@@ -118,6 +123,24 @@ def model_folder(path: Path) -> Path:
         if (candidate / "config.yaml").is_file() and (candidate / "labels.json").is_file():
             return candidate
     raise UserError(f"{path} is not a peftkit run or model folder (no config.yaml and labels.json in it, its best/ or model/).")
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+                            r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _adapter_load_error(folder: Path, base: str, labels: list[str], exc: Exception) -> str:
+    """Say which of the three usual causes it is: another label set, another base, or a damaged file."""
+    match = _SIZE_MISMATCH.search(str(exc))
+    if match:
+        name, saved, current = match.groups()
+        if any(part in ("classifier", "score") for part in name.split(".")):
+            return (f"The adapter in {folder} carries a head for {saved.split(',')[0]} labels, but {folder / 'labels.json'} lists "
+                    f"{len(labels)} ({labels}): the label set differs from the one it was trained with. Restore the run's labels.json.")
+        return (f"The adapter in {folder} does not fit the base `{base}`: `{name}` was trained with shape [{saved}], the base gives "
+                f"[{current}]. Use the base model it was trained on (`model.name` in {folder / 'config.yaml'}).")
+    return (f"The adapter in {folder} cannot be loaded ({str(exc).splitlines()[0][:300]}); the file is corrupted "
+            f"or does not match `model.name: {base}`.")
 
 
 def load_trained(path: Path, *, quantized: bool = True, device: str | torch.device = "cpu", base_path: str | None = None) -> Trained:
@@ -159,7 +182,7 @@ def load_trained(path: Path, *, quantized: bool = True, device: str | torch.devi
     try:
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     except Exception as exc:  # safetensors/peft raise several types for a damaged file
-        raise UserError(f"The adapter in {folder} cannot be loaded ({str(exc).splitlines()[0][:300]}); the file is corrupted or does not match `model.name: {config.model.name}`.") from None
+        raise UserError(_adapter_load_error(folder, config.model.name, labels, exc)) from None
     if quant is not None:
         disable_cpu_repacking(model)
     else:

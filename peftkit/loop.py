@@ -135,7 +135,8 @@ def _batches(loader: Any) -> Any:
     more (the skip-ahead loader) than the uninterrupted run did; on CPU, where dropout draws from the
     same RNG, the resumed run's dropout masks would then differ from the uninterrupted run's.
     """
-    it = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
     while True:
         with torch.random.fork_rng(devices=[]):
             try:
