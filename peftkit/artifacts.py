@@ -58,6 +58,9 @@ class RunSaver:
         self.accelerator, self.model, self.run_dir = accelerator, model, run_dir
         self.processor, self.config, self.labels, self.keep = processor, config, labels, keep
         self.scheduler = scheduler
+        # Step checkpoints keep only what changes: a LoRA run's frozen backbone is `model.name`
+        # already, and writing it at every checkpoint costs hundreds of MB and a memory spike.
+        accelerator.register_save_state_pre_hook(_keep_trainable_weights)
 
     def save_best(self, state: TrainState, metrics: dict[str, float]) -> None:
         save_model_folder(self.accelerator, self.model, self.run_dir / "best", processor=self.processor,
@@ -89,6 +92,27 @@ class RunSaver:
             checkpoint.commit(target)
             checkpoint.prune(root, self.keep)
         acc.wait_for_everyone()
+
+
+def _keep_trainable_weights(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """Accelerate save hook: drop frozen parameters from the saved model state (buffers are kept).
+
+    ``weights`` holds the state dicts of plain and DDP models only; DeepSpeed and FSDP save their own.
+    """
+    for model, state in zip(models, weights, strict=False):
+        keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+        for key in [k for k in state if k not in keep]:
+            del state[key]
+
+
+def load_training_state(accelerator: Accelerator, folder: Path) -> None:
+    """Restore model, optimizer and RNG from ``folder``; frozen weights come from the base model itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        accelerator.load_state(str(folder))
+    else:
+        accelerator.load_state(str(folder), strict=False)
 
 
 def read_trainer_state(ckpt: Path) -> TrainState:

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -71,6 +70,8 @@ class Checkpointer(Protocol):
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy and macro-F1, computed offline with scikit-learn."""
+    from sklearn.metrics import accuracy_score, f1_score  # imported here: scikit-learn costs ~40 MB at start-up
+
     preds = logits.argmax(-1)
     return {
         "accuracy": float(accuracy_score(labels, preds)),

@@ -9,8 +9,10 @@ layers exactly; everything else is arithmetic on the ``train:``/``data:``/``quan
     optimizer     AdamW: two fp32 moments (8 bytes/parameter); 8-bit AdamW: ~2 bytes (tensors < 4096 elements stay 32-bit)
     activations   tensors autograd keeps for backward, per encoder layer, from micro-batch x tokens x hidden/intermediate
                   (+ DeBERTa's relative-attention tensors), with or without checkpointing, + a backward working set
-    overhead      10% of the above for allocator fragmentation and temporaries; a CUDA context of 0.5 GiB when
-                  checking a GPU budget (it is outside ``torch.cuda.max_memory_allocated``)
+    peak          weights + optimizer + the larger of gradients and activations (the backward frees a layer's
+                  activations as it fills its gradients)
+    overhead      10% for allocator fragmentation and temporaries; a CUDA context of 0.5 GiB when checking a
+                  GPU budget (it is outside ``torch.cuda.max_memory_allocated``)
 
     peftkit estimate --config qlora_deberta.yaml --gpu-memory 8GiB --processes 1
 """
@@ -248,6 +250,9 @@ def estimate(f: ModelFacts, s: Setup, device: str = "cuda") -> Estimate:
         "optimizer states": optim,
         **activation_rows(f, s),
     }
+    # The backward frees each layer's activations as it fills that layer's gradients, so the two
+    # peak at different moments: count only the larger (it matters for full fine-tuning).
+    rows["not simultaneous"] = -min(grads, rows["activations"] + rows["backward working set"])
     rows["overhead (10%)"] = OVERHEAD_FRACTION * sum(rows.values())
     return Estimate(rows, offloaded, device)
 
@@ -347,7 +352,7 @@ def plan(f: ModelFacts, base: Setup, budget: float, device: str = "cuda") -> tup
 
 def fmt_bytes(n: float) -> str:
     """Bytes as GiB (or MiB below 1 GiB)."""
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
 
 
 def describe(s: Setup) -> str:

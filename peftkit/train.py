@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from peftkit import checkpoint
 from peftkit.adapters import METHODS, AdapterSpec, count_parameters, inject
-from peftkit.artifacts import RunSaver, load_scheduler_state, read_trainer_state
+from peftkit.artifacts import RunSaver, load_scheduler_state, load_training_state, read_trainer_state
 from peftkit.autobatch import fit_micro_batch, probe_rows
 from peftkit.config import Config, dump_config, load_config
 from peftkit.data import infer_labels, make_loader, prepared_for, splits_for
@@ -153,7 +153,7 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     # ---- resume --------------------------------------------------------------------------------
     state = TrainState(micro_batch=micro, grad_accum=accum)
     if resume_from is not None and recorded is not None:
-        accelerator.load_state(str(resume_from / "state"))
+        load_training_state(accelerator, resume_from / "state")
         load_scheduler_state(resume_from, scheduler)
         state = recorded
         state.interrupted = False
