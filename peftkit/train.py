@@ -77,16 +77,9 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    # ---- data (checked before any weights are read) --------------------------------------
-    splits = splits_for(dc, seed=tc.seed)
-    labels = infer_labels(splits.train, dc.label_column, mc.labels)
+    # ---- checks that need only config.json (cheap), then the data; no weights read yet -----------
     model_config = load_model_config(mc.name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     arch = architecture_for(model_config.model_type)
-    processor = load_processor(mc.name, mc.task, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
-    with accelerator.main_process_first():
-        prepared = prepared_for(config, processor=processor, labels=labels, splits=splits)
-
-    # ---- model: backbone (optionally quantized) + new head + adapter ---------------------
     check_4bit_widths(model_config, qc.bits)
     if qc.bits and tc.precision != "no" and model_config.model_type.startswith("deberta"):
         raise UserError(f"`train.precision: {tc.precision}` with `quantization.bits: {qc.bits}` breaks DeBERTa's attention "
@@ -94,6 +87,13 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
                         "layers already compute in `quantization.compute_dtype`.")
     quant = bnb_config(qc.bits, quant_type=qc.quant_type, double_quant=qc.double_quant, compute_dtype=qc.compute_dtype,
                        skip_modules=list(arch.head))
+    splits = splits_for(dc, seed=tc.seed)
+    labels = infer_labels(splits.train, dc.label_column, mc.labels)
+    processor = load_processor(mc.name, mc.task, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
+    with accelerator.main_process_first():
+        prepared = prepared_for(config, processor=processor, labels=labels, splits=splits)
+
+    # ---- model: backbone (optionally quantized) + new head + adapter ---------------------
     model = load_backbone(mc.name, mc.task, labels, dtype=mc.dtype, revision=mc.revision,
                           trust_remote_code=mc.trust_remote_code, quantization_config=quant)
     if quant is not None:
