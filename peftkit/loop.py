@@ -184,7 +184,11 @@ def fit(
     running_loss, running_n, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
     model.train()
 
+    paused = 0.0  # seconds spent evaluating and checkpointing: not training time
+
     def run_eval_and_save() -> None:
+        nonlocal paused, window_start
+        started = time.perf_counter()
         metrics = evaluate(model, eval_loader, accelerator)
         state.last_eval, state.last_eval_step = metrics, state.step
         value = metrics[s.metric_for_best]
@@ -202,6 +206,9 @@ def fit(
         if s.early_stopping_patience and state.evals_without_improvement >= s.early_stopping_patience:
             state.stopped_early = True
         checkpointer.save_step(state)
+        spent = time.perf_counter() - started
+        paused += spent
+        window_start += spent  # the logged samples/s measures training only
 
     with StopSignal() as stop:
         t0 = time.perf_counter()
@@ -276,7 +283,7 @@ def fit(
                     run_eval_and_save()
                 continue
             break
-        state.train_seconds += time.perf_counter() - t0
+        state.train_seconds += time.perf_counter() - t0 - paused
         if not state.interrupted and state.last_eval_step != state.step:
             run_eval_and_save()  # max_steps ended mid-epoch: the final weights get evaluated too
     bar.close()
