@@ -33,9 +33,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def child_env(threads: int) -> dict[str, str]:
-    """The environment of every measured process: offline, a fixed thread count, no trackers."""
+    """The environment of every measured process: offline, a fixed thread count, no trackers.
+
+    glibc is told to give every block of 64 KiB or more its own mapping and to return freed memory
+    at once, so peak RSS follows the live tensors; with its defaults, freed memory it keeps for reuse
+    made the same run's peak differ by up to 1.5x with the order of allocations (see
+    benchmarks/memory/README.md), which is noise, not a property of either side.
+    """
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+            "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def measure_subprocess(side: str, cfg: dict[str, Any], spec_dir: Path, threads: int, timeout: int) -> dict[str, Any]:
