@@ -30,13 +30,25 @@ def save_model_folder(accelerator: Accelerator, model: nn.Module, target: Path, 
                       labels: list[str], metrics: dict[str, Any]) -> None:
     """Write a complete model folder atomically; collective (every process must call it)."""
     # Gathers the full weights under ZeRO-3/FSDP, so the adapter and head are complete, not a shard.
-    state_dict = accelerator.get_state_dict(model)
+    module, state_dict = gathered(accelerator, model)
     if accelerator.is_main_process:
         tmp = checkpoint.begin(target)
-        write_model_contents(accelerator.unwrap_model(model), tmp, state_dict=state_dict, processor=processor,
+        write_model_contents(module, tmp, state_dict=state_dict, processor=processor,
                              config=config, labels=labels, metrics=metrics)
         checkpoint.commit(target)
     accelerator.wait_for_everyone()
+
+
+def gathered(accelerator: Accelerator, model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The plain model (no DDP, DeepSpeed or torch.compile wrapper) and its full state dict.
+
+    Collective: under ZeRO-3/FSDP the weights are gathered, so the adapter and head are complete,
+    not a shard. A compiled model's keys lose the ``_orig_mod.`` prefix the wrapper adds.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if state_dict is not None:
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    return accelerator.unwrap_model(model, keep_torch_compile=False), state_dict
 
 
 def write_model_contents(model: nn.Module, folder: Path, *, state_dict: dict[str, torch.Tensor] | None, processor: Any,
@@ -80,9 +92,9 @@ class RunSaver:
         acc.wait_for_everyone()
         tmp = checkpoint.temp_dir_for(target)
         acc.save_state(str(tmp / "state"))
-        state_dict = acc.get_state_dict(self.model)
+        module, state_dict = gathered(acc, self.model)
         if acc.is_main_process:
-            write_model_contents(acc.unwrap_model(self.model), tmp / "model", state_dict=state_dict, processor=self.processor,
+            write_model_contents(module, tmp / "model", state_dict=state_dict, processor=self.processor,
                                  config=self.config, labels=self.labels, metrics={"step": state.step, "validation": state.last_eval})
             checkpoint.write_json(tmp / "trainer_state.json", state.to_dict())
             if self.scheduler is not None:

@@ -89,6 +89,7 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the model (first steps pay the compile time, 10-60 s).")
     seed: int = 42
     eval_every: int | None = Field(None, ge=1, description="Evaluate (and checkpoint) every N optimizer steps; each epoch when omitted.")
     metric_for_best: Literal["accuracy", "f1_macro", "loss"] = "accuracy"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 
 from peftkit import checkpoint
@@ -128,6 +129,10 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     groups = param_groups(model, arch, lr=tc.lr, weight_decay=tc.weight_decay, heads=heads, head_lr=tc.head_lr,
                           layer_decay=tc.layer_decay, num_layers=int(getattr(model_config, "num_hidden_layers", 0) or 0))
     raw_optimizer = make_optimizer(groups, tc.optimizer, tc.lr)
+    if tc.compile:
+        # After the adapter is in place (compiling first would trace the un-adapted graph); saving
+        # unwraps the compiled module through accelerator.unwrap_model.
+        model = torch.compile(model)
     eval_loader = make_loader(prepared.validation, batch_size=eval_bs, collate=prepared.collate, shuffle=False)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, raw_optimizer, train_loader_for(micro), eval_loader)
     recorded = read_trainer_state(resume_from) if resume_from is not None else None
