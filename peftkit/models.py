@@ -150,11 +150,14 @@ def load_backbone(
     trust_remote_code: bool = False,
     quantization_config: Any = None,
     meta: bool = False,
+    mmap: bool = True,
 ) -> PreTrainedModel:
     """The pretrained backbone with a new head for ``labels``.
 
     ``meta=True`` builds the same module tree on the meta device (no weights read or allocated),
-    for dry runs and memory estimates.
+    for dry runs and memory estimates. ``mmap=False`` reads the checkpoint into memory instead of
+    mapping it: on CPU, pages of a mapped file stay in the process's resident set after a quantized
+    load has read them, which inflates memory measurements by the full-precision checkpoint.
     """
     spec = TASKS[task]
     name = resolve_name(name)
@@ -176,7 +179,7 @@ def load_backbone(
     try:
         # The pretrained checkpoint may carry a head of another size; the new one is initialised.
         model, info = spec.auto_model.from_pretrained(name, ignore_mismatched_sizes=True, use_safetensors=_prefers_safetensors(name),
-                                                      output_loading_info=True, **kwargs)
+                                                      output_loading_info=True, disable_mmap=not mmap, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"`model.name: {name}` cannot be loaded for {task}: {str(exc).splitlines()[0]}.{_hub_hint(name)}") from None
     finally:

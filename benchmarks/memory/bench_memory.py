@@ -110,7 +110,9 @@ def measure_one(spec: dict) -> dict:
 
     arch = architecture_for(load_model_config(mc.name).model_type)
     quant = bnb_config(qc.bits, quant_type=qc.quant_type, double_quant=qc.double_quant, compute_dtype=qc.compute_dtype, skip_modules=list(arch.head))
-    model = load_backbone(mc.name, mc.task, list(mc.labels), quantization_config=quant)
+    # Read, not mapped: otherwise the fp32 checkpoint pages a quantized load reads stay resident
+    # (file-backed, reclaimable) and the measurement counts memory training never uses.
+    model = load_backbone(mc.name, mc.task, list(mc.labels), quantization_config=quant, mmap=False)
     if quant is not None:
         model = prepare_for_kbit_training(model, gradient_checkpointing=tc.gradient_checkpointing)
     elif tc.gradient_checkpointing:
