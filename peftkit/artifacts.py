@@ -92,6 +92,7 @@ class RunSaver:
         acc.wait_for_everyone()
         tmp = checkpoint.temp_dir_for(target)
         acc.save_state(str(tmp / "state"))
+        acc.wait_for_everyone()  # every rank's RNG file is written before the folder is sealed
         module, state_dict = gathered(acc, self.model)
         if acc.is_main_process:
             write_model_contents(module, tmp / "model", state_dict=state_dict, processor=self.processor,
@@ -129,7 +130,14 @@ def load_training_state(accelerator: Accelerator, folder: Path) -> None:
 
 def read_trainer_state(ckpt: Path) -> TrainState:
     """The loop state saved in a step checkpoint."""
+    from dataclasses import fields
+
     data = json.loads((ckpt / "trainer_state.json").read_text())
+    known = {f.name for f in fields(TrainState)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{ckpt / 'trainer_state.json'} has keys {unknown} this peftkit does not know: the checkpoint was written "
+                        "by another version. Resume with that version, or start a new run.")
     return TrainState(**data)
 
 

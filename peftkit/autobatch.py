@@ -8,7 +8,6 @@ gradient accumulation for each halving.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ def probe_rows(dataset: Any, collate: Callable, size: int) -> dict[str, torch.Te
 
 def fit_micro_batch(accelerator: Accelerator, model: nn.Module, make_batch: Callable[[int], dict[str, torch.Tensor]],
                     batch_size: int, grad_accum: int) -> tuple[int, int]:
-    """(micro-batch, accumulation) with ``micro x accumulation >= batch_size x grad_accum``.
+    """(micro-batch, accumulation) with ``micro x accumulation == batch_size x grad_accum``.
 
     Every process probes without gradient synchronisation, then all take the smallest size found.
     """
@@ -41,7 +40,19 @@ def fit_micro_batch(accelerator: Accelerator, model: nn.Module, make_batch: Call
         raise UserError("`train.auto_batch: true` does not work under DeepSpeed (its engine steps inside backward); "
                         "set `train.batch_size` and `train.grad_accum` yourself or use DDP.")
 
-    @find_executable_batch_size(starting_batch_size=batch_size)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("`train.auto_batch: true` does not work under FSDP (its ranks communicate inside every forward, so one "
+                        "rank's out-of-memory would stall the others); set `train.batch_size` and `train.grad_accum` yourself.")
+    current = batch_size
+
+    def halve() -> int:
+        # The largest divisor of the configured batch at most half the current size, so
+        # micro-batch x accumulation is exactly the configured effective batch.
+        nonlocal current
+        current = max((d for d in range(1, current // 2 + 1) if batch_size % d == 0), default=0)
+        return current
+
+    @find_executable_batch_size(starting_batch_size=batch_size, reduce_batch_size_fn=halve)
     def probe(size: int) -> int:
         batch = {k: v.to(accelerator.device) for k, v in make_batch(size).items()}
         with accelerator.no_sync(model), accelerator.autocast():
@@ -51,9 +62,16 @@ def fit_micro_batch(accelerator: Accelerator, model: nn.Module, make_batch: Call
         model.zero_grad(set_to_none=True)
         return size
 
-    found = probe()
+    try:
+        found = probe()
+    except RuntimeError as exc:
+        if "reached zero" not in str(exc):
+            raise
+        raise UserError("`train.auto_batch`: not even a micro-batch of 1 fits in memory. Reduce `data.max_length`, turn on "
+                        "`train.gradient_checkpointing`, quantize the base (`quantization.bits`) or use a larger device; "
+                        "`peftkit estimate --config ...` shows what takes the memory.") from None
     if accelerator.num_processes > 1:
         t = torch.tensor([found], device=accelerator.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         found = int(t.item())
-    return found, grad_accum * math.ceil(batch_size / found)
+    return found, grad_accum * (batch_size // found)

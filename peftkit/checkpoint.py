@@ -55,11 +55,16 @@ def verify_manifest(folder: Path) -> str | None:
     return None
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and an atomic rename: never half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
 def temp_dir_for(target: Path) -> Path:

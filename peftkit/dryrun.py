@@ -51,7 +51,7 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
     from peftkit.data import infer_labels, prepared_for, splits_for
     from peftkit.loop import steps_per_epoch
     from peftkit.models import _prefers_safetensors, architecture_for, load_backbone, load_model_config, load_processor, resolve_name
-    from peftkit.quant import check_4bit_widths, require_bitsandbytes
+    from peftkit.quant import check_quantization
 
     tc, mc, ac, dc, qc = config.train, config.model, config.adapter, config.data, config.quantization
     splits = splits_for(dc, seed=tc.seed)
@@ -60,9 +60,7 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
     arch = architecture_for(model_config.model_type)
     processor = load_processor(mc.name, mc.task, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     prepared = prepared_for(config, processor=processor, labels=labels, splits=splits, augment=False)
-    if qc.bits:
-        require_bitsandbytes(qc.bits)
-        check_4bit_widths(model_config, qc.bits)
+    check_quantization(model_config, qc.bits, tc.precision)
 
     # Same step arithmetic as the recipe: micro-batches per process, then optimizer steps.
     batches = math.ceil(len(prepared.train) / tc.batch_size)

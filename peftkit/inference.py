@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.checkpoint import write_json, write_text
 from peftkit.errors import UserError, guarded
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -280,6 +281,8 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
     return guarded(lambda: _predict(args), debug=args.debug)
 
 
@@ -336,7 +339,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
-    from peftkit.data import check_columns, encode_labels, load_source
+    from peftkit.data import check_columns, check_texts, encode_labels, load_source
 
     loaded = load_for_inference(args.model)
     ds = _pick_split(load_source(args.data, "eval"), args.split, args.data)
@@ -350,6 +353,8 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     except UserError as err:
         raise UserError(str(err).replace("`data.", "`--").replace("_column:", "-column:").replace("Set `--", "Pass `--")) from None
     ds = encode_labels(ds, "eval", args.label_column, loaded.labels)
+    if is_text:
+        check_texts(ds, "eval", [c for c in (args.text_column, args.text_pair_column) if c])
     inputs = list(ds[args.text_column if is_text else args.image_column])
     pairs = list(ds[args.text_pair_column]) if is_text and args.text_pair_column else None
     rows = predict_rows(loaded, inputs, pairs, batch_size=args.batch_size, progress=not args.quiet)
@@ -360,8 +365,8 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "text_report"}, indent=2))
-    (out / "report.txt").write_text(result["text_report"])
+    write_json(out / "metrics.json", {k: v for k, v in result.items() if k != "text_report"})
+    write_text(out / "report.txt", result["text_report"])
     plot_confusion(result["confusion_matrix"], loaded.labels, out / "confusion_matrix.png",
                    f"{Path(args.model).name}: accuracy {result['accuracy']:.3f}, macro-F1 {result['f1_macro']:.3f}")
     with (out / "predictions.jsonl").open("w") as f:

@@ -75,7 +75,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     preds = logits.argmax(-1)
     return {
         "accuracy": float(accuracy_score(labels, preds)),
-        "f1_macro": float(f1_score(labels, preds, average="macro", zero_division=0)),
+        # Every class counts, also one absent from this data (as `peftkit eval` computes it).
+        "f1_macro": float(f1_score(labels, preds, labels=list(range(logits.shape[-1])), average="macro", zero_division=0)),
     }
 
 

@@ -110,12 +110,12 @@ def read_source(path: str | Path) -> Source:
 def verification_batches(config: Config, processor: Any, model_config: Any, *, samples: int,
                          batch_size: int = 16) -> tuple[list[dict[str, torch.Tensor]], str]:
     """The run's validation rows when its data can be read, else generated inputs of the right shape."""
-    from peftkit.data import load_splits
+    from peftkit.data import splits_for
 
     dc, is_text = config.data, config.model.task == "text-classification"
     try:
-        splits = load_splits(dc.train, dc.validation, None, validation_fraction=dc.validation_fraction, seed=config.train.seed,
-                             max_eval_samples=samples)
+        # The same carve as training (seed, label column), limited to `samples` verification rows.
+        splits = splits_for(dc.model_copy(update={"test": None, "max_eval_samples": samples}), seed=config.train.seed)
         ds = splits.validation
         if is_text:
             pairs = list(ds[dc.text_pair_column]) if dc.text_pair_column else None
@@ -352,6 +352,8 @@ def run_merge(req: MergeRequest) -> dict[str, Any]:
 
     t0 = time.time()
     out = Path(req.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"`--out {out}` is a file; give a folder path for the merged model.")
     if out.exists() and any(out.iterdir()) and not req.overwrite:
         raise UserError(f"`--out {out}` already exists and is not empty; pass `--overwrite` or choose another folder.")
     if req.dtype not in DTYPES:

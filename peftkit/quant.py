@@ -79,3 +79,15 @@ def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool)
     if not torch.cuda.is_available():
         disable_cpu_repacking(model)
     return model
+
+
+def check_quantization(model_config: Any, bits: int | None, precision: str) -> None:
+    """Every quantization check that needs only ``config.json``: package, widths, DeBERTa + autocast."""
+    if bits is None:
+        return
+    require_bitsandbytes(bits)
+    check_4bit_widths(model_config, bits)
+    if precision != "no" and str(getattr(model_config, "model_type", "")).startswith("deberta"):
+        raise UserError(f"`train.precision: {precision}` with `quantization.bits: {bits}` breaks DeBERTa's attention "
+                        "(its fp32 mask value overflows the half-precision scores). Set `train.precision: no`: the quantized "
+                        "layers already compute in `quantization.compute_dtype`.")

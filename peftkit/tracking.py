@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from peftkit.checkpoint import write_text
 
 ACCELERATE_TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -50,10 +53,11 @@ class FileLog:
         # Rewritten whole because columns appear as the run goes (eval metrics after train ones).
         rows = read_log(self.jsonl)
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.csv, buffer.getvalue())
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from peftkit.loop import LoopSettings, TrainState, evaluate, fit, steps_per_epoc
 from peftkit.memory import peak_memory, print_estimate
 from peftkit.models import architecture_for, head_modules, load_backbone, load_model_config, load_processor
 from peftkit.optim import make_optimizer, make_scheduler, param_groups, warmup_steps
-from peftkit.quant import bnb_config, check_4bit_widths, prepare_for_kbit_training
+from peftkit.quant import bnb_config, check_quantization, prepare_for_kbit_training
 from peftkit.tracking import FileLog, accelerate_trackers, read_log
 
 
@@ -67,6 +67,9 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
                                    max_grad_norm=tc.max_grad_norm, optimizer=tc.optimizer, run_dir=str(run_dir),
                                    trackers=accelerate_trackers(config.output.trackers))
     main = accelerator.is_main_process
+    if tc.on_nan == "skip" and tc.grad_accum > 1 and accelerator.distributed_type.value == "DEEPSPEED":
+        raise UserError("`train.on_nan: skip` with `train.grad_accum` > 1 does not work under DeepSpeed (a skipped backward "
+                        "also skips its micro-step count); use `train.on_nan: stop` or `train.grad_accum: 1` there.")
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
     accelerator.wait_for_everyone()  # every rank has looked at the folder before the main one writes into it
@@ -74,18 +77,14 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
         if overwrite and resume_from is None and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        checkpoint.write_text(run_dir / "config.yaml", dump_config(config))
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
     # ---- checks that need only config.json (cheap), then the data; no weights read yet -----------
     model_config = load_model_config(mc.name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     arch = architecture_for(model_config.model_type)
-    check_4bit_widths(model_config, qc.bits)
-    if qc.bits and tc.precision != "no" and model_config.model_type.startswith("deberta"):
-        raise UserError(f"`train.precision: {tc.precision}` with `quantization.bits: {qc.bits}` breaks DeBERTa's attention "
-                        "(its fp32 mask value overflows the half-precision scores). Set `train.precision: no`: the quantized "
-                        "layers already compute in `quantization.compute_dtype`.")
+    check_quantization(model_config, qc.bits, tc.precision)
     quant = bnb_config(qc.bits, quant_type=qc.quant_type, double_quant=qc.double_quant, compute_dtype=qc.compute_dtype,
                        skip_modules=list(arch.head))
     splits = splits_for(dc, seed=tc.seed)
@@ -141,7 +140,7 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
     elif tc.auto_batch:
         micro, accum = fit_micro_batch(accelerator, model, lambda n: probe_rows(prepared.train, prepared.collate, n), micro, accum)
     if (micro, accum) != (tc.batch_size, tc.grad_accum):
-        if main:
+        if main and recorded is None:
             print(f"[peftkit] micro-batch {tc.batch_size} x {tc.grad_accum} accum does not fit; training with "
                   f"{micro} x {accum} accum (same effective batch)")
         accelerator.gradient_accumulation_steps = accum
@@ -237,7 +236,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log rows newer than the resumed step, so the resumed run does not log them twice."""
     rows = [r for r in read_log(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
