@@ -94,3 +94,16 @@ def accelerate_launch(*args: str, num_processes: int = 1, extra: list[str] | Non
                 **(env or {})}
     # Run from the repo root: launch configs name their DeepSpeed JSONs relative to it.
     return subprocess.run([*launcher, *topo, str(TRAIN_SCRIPT), *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def reload_and_evaluate(folder: Path) -> dict[str, float]:
+    """A saved model folder loaded fresh and evaluated on its run's validation data, as the loop did."""
+    from accelerate import Accelerator
+
+    from peftkit.artifacts import load_trained
+    from peftkit.data import validation_loader
+    from peftkit.loop import evaluate
+
+    trained = load_trained(folder)
+    loader = validation_loader(trained.config, processor=trained.processor, labels=trained.labels)
+    return evaluate(trained.model, loader, Accelerator(cpu=True))

@@ -6,13 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from accelerate import Accelerator
-from conftest import text_config
+from conftest import reload_and_evaluate, text_config
 
-from peftkit.artifacts import load_trained
 from peftkit.config import validate_config
-from peftkit.data import validation_loader
-from peftkit.loop import evaluate
 from peftkit.train import run
 
 pytestmark = pytest.mark.slow
@@ -28,9 +24,7 @@ def test_compiled_run_saves_an_uncompiled_adapter(assets: dict, tmp_path: Path) 
     keys = list(load_file(str(run_dir / "best" / "adapter_model.safetensors")))
     assert keys and not any("_orig_mod" in k for k in keys)
     # ... and, reloaded without compiling, reproduces the metrics the compiled model logged.
-    trained = load_trained(run_dir / "best")
-    reproduced = evaluate(trained.model, validation_loader(trained.config, processor=trained.processor, labels=trained.labels),
-                          Accelerator(cpu=True))
+    reproduced = reload_and_evaluate(run_dir / "best")
     logged = json.loads((run_dir / "best" / "metrics.json").read_text())["validation"]
     assert reproduced["accuracy"] == logged["accuracy"]
     assert reproduced["loss"] == pytest.approx(logged["loss"], abs=1e-4)

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import REPO, TRAIN_SCRIPT, accelerate_launch, text_config, write_yaml
+from conftest import REPO, TRAIN_SCRIPT, accelerate_launch, reload_and_evaluate, text_config, write_yaml
 from safetensors.torch import load_file
 
 from peftkit.tracking import read_log
@@ -75,23 +75,7 @@ def _final_eval(run_dir: Path) -> dict[str, float]:
 
 
 def _reload_and_evaluate(folder: Path) -> dict[str, float]:
-    """Load a saved model folder fresh and evaluate it on the run's validation data, as the loop did."""
-    from accelerate import Accelerator
-
-    from peftkit.artifacts import load_trained
-    from peftkit.data import load_splits, make_loader, prepare
-    from peftkit.loop import evaluate
-
-    trained = load_trained(folder)
-    cfg, dc = trained.config, trained.config.data
-    splits = load_splits(dc.train, dc.validation, dc.test, validation_fraction=dc.validation_fraction, seed=cfg.train.seed,
-                         max_train_samples=dc.max_train_samples, max_eval_samples=dc.max_eval_samples)
-    prepared = prepare(splits, task=cfg.model.task, processor=trained.processor, labels=trained.labels, text_column=dc.text_column,
-                       text_pair_column=dc.text_pair_column, image_column=dc.image_column, label_column=dc.label_column,
-                       max_length=dc.max_length, augment=False, seed=cfg.train.seed)
-    loader = make_loader(prepared.validation, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                         collate=prepared.collate, shuffle=False)
-    return evaluate(trained.model, loader, Accelerator(cpu=True))
+    return reload_and_evaluate(folder)
 
 
 def test_two_process_ddp_matches_one_process_with_same_global_batch(assets: dict, deterministic_deberta: Path, tmp_path: Path) -> None:

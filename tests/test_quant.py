@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import image_config, text_config
+from conftest import image_config, reload_and_evaluate, text_config
 from safetensors.torch import load_file
 from torch import nn
 
@@ -20,9 +20,7 @@ import bitsandbytes as bnb
 from peftkit import quant, train
 from peftkit.artifacts import load_trained
 from peftkit.config import validate_config
-from peftkit.data import load_splits, make_loader, prepare
 from peftkit.errors import UserError
-from peftkit.loop import classification_metrics
 from peftkit.models import load_backbone
 from peftkit.optim import make_optimizer
 from peftkit.tracking import read_log
@@ -38,24 +36,8 @@ SETTINGS = {
 
 
 def evaluate_reloaded(path: Path) -> dict[str, float]:
-    """Validation metrics of a model folder loaded back through ``load_trained`` (no Accelerator)."""
-    trained = load_trained(path)
-    c = trained.config
-    splits = load_splits(c.data.train, c.data.validation, None, validation_fraction=c.data.validation_fraction, seed=c.train.seed,
-                         max_train_samples=c.data.max_train_samples, max_eval_samples=c.data.max_eval_samples)
-    prepared = prepare(splits, task=c.model.task, processor=trained.processor, labels=trained.labels, text_column=c.data.text_column,
-                       text_pair_column=c.data.text_pair_column, image_column=c.data.image_column, label_column=c.data.label_column,
-                       max_length=c.data.max_length, augment=False, seed=c.train.seed)
-    loader = make_loader(prepared.validation, batch_size=c.train.eval_batch_size or c.train.batch_size, collate=prepared.collate, shuffle=False)
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            logits.append(trained.model(**batch).logits.float())
-            labels.append(batch["labels"])
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    metrics = classification_metrics(all_logits.numpy(), all_labels.numpy())
-    metrics["loss"] = float(nn.functional.cross_entropy(all_logits, all_labels))
-    return metrics
+    """Validation metrics of a model folder loaded back through ``load_trained``."""
+    return reload_and_evaluate(path)
 
 
 @pytest.mark.slow

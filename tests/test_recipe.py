@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import accelerate_launch, image_config, text_config, write_yaml
+from conftest import accelerate_launch, image_config, reload_and_evaluate, text_config, write_yaml
 
 from peftkit.artifacts import load_trained
-from peftkit.data import validation_loader
 from peftkit.tracking import read_log
 
 pytestmark = pytest.mark.slow
@@ -25,16 +24,9 @@ def _launch(cfg: dict, tmp_path: Path) -> dict:
 
 
 def _reload_and_evaluate(run_dir: Path) -> tuple[dict, dict]:
-    """Load best/ fresh, evaluate it on the run's validation data exactly as the loop did."""
-    from accelerate import Accelerator
-
-    from peftkit.loop import evaluate
-
-    trained = load_trained(run_dir / "best")
-    loader = validation_loader(trained.config, processor=trained.processor, labels=trained.labels)
-    reproduced = evaluate(trained.model, loader, Accelerator(cpu=True))
+    """best/ loaded fresh and evaluated as the loop did, and the metrics the run logged for it."""
     logged = json.loads((run_dir / "best" / "metrics.json").read_text())["validation"]
-    return reproduced, logged
+    return reload_and_evaluate(run_dir / "best"), logged
 
 
 def _check_run(run_dir: Path, processor_file: str) -> None:
