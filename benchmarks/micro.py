@@ -40,8 +40,8 @@ def _lora_shapes(hidden: int, layers: int, ffn: int, r: int = 8) -> list[tuple[i
 
 def time_adamw(shapes: list[tuple[int, ...]], iters: int) -> dict[str, float]:
     """Milliseconds per ``optimizer.step()`` for the single-tensor, foreach and fused AdamW on CPU."""
-    variants = {"single-tensor (peftkit on CPU)": {"foreach": False}, "foreach": {"foreach": True},
-                "fused (Trainer default)": {"fused": True}}
+    variants = {"single-tensor (torch default on CPU)": {"foreach": False}, "foreach": {"foreach": True},
+                "fused (peftkit and Trainer default)": {"fused": True}}
     opts = {name: torch.optim.AdamW(_params(shapes), lr=1e-4, weight_decay=0.01, **kw) for name, kw in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(iters + 1):
