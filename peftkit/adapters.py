@@ -40,6 +40,13 @@ class AdapterSpec:
     target_r: int = 4
     total_steps: int = 1000
 
+    @classmethod
+    def from_section(cls, adapter: Any, total_steps: int = 1000) -> AdapterSpec:
+        """From the config's ``adapter:`` section plus the run's optimizer steps (AdaLoRA's schedule)."""
+        return cls(method=adapter.method, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout,
+                   target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
+                   init_r=adapter.init_r, target_r=adapter.target_r, total_steps=total_steps)
+
 
 @dataclass(frozen=True)
 class Targets:

@@ -10,7 +10,6 @@ runs here too, so a config that validates fails, if at all, only for lack of mem
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
     """Run every pre-flight check of ``config`` and return the plan; reads no weights."""
     from peftkit.adapters import AdapterSpec, count_parameters, inject
     from peftkit.data import infer_labels, prepared_for, splits_for
-    from peftkit.loop import steps_per_epoch
+    from peftkit.loop import plan_steps
     from peftkit.models import _prefers_safetensors, architecture_for, load_backbone, load_model_config, load_processor, resolve_name
     from peftkit.quant import check_quantization
 
@@ -63,17 +62,15 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
     check_quantization(model_config, qc.bits, tc.precision)
 
     # Same step arithmetic as the recipe: micro-batches per process, then optimizer steps.
-    batches = math.ceil(len(prepared.train) / tc.batch_size)
-    per_epoch = steps_per_epoch(math.ceil(batches / processes), tc.grad_accum)
-    total_steps = tc.max_steps or max(math.ceil(per_epoch * tc.epochs), 1)
+    total_steps, per_epoch = plan_steps(len(prepared.train), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                                        processes=processes, epochs=tc.epochs, max_steps=tc.max_steps)
 
     # The real run reads weights only from safetensors; say so now rather than after the data is ready.
     _prefers_safetensors(resolve_name(mc.name))
     # Shapes only: the meta device allocates nothing, so this works for models larger than memory.
     model = load_backbone(mc.name, mc.task, labels, dtype=mc.dtype, revision=mc.revision,
                           trust_remote_code=mc.trust_remote_code, meta=True)
-    spec = AdapterSpec(method=ac.method, r=ac.r, alpha=ac.alpha, dropout=ac.dropout, target_modules=ac.target_modules,
-                       modules_to_save=ac.modules_to_save, init_r=ac.init_r, target_r=ac.target_r, total_steps=total_steps)
+    spec = AdapterSpec.from_section(ac, total_steps)
     model, targets = inject(model, arch, spec)
     trainable, total = count_parameters(model)
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from peftkit.checkpoint import write_json, write_text
+from peftkit.data import IMAGE_SUFFIXES
 from peftkit.errors import UserError, guarded
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_TEXT_LENGTH = 512  # cap for tokenizers whose model_max_length is "unlimited" (1e30)
 
 # A saved model's architecture name ends with the task's model class.

@@ -294,3 +294,11 @@ def fit(
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
     """Optimizer steps in one pass over ``num_batches`` micro-batches (the last partial group steps too)."""
     return max(math.ceil(num_batches / grad_accum), 1)
+
+
+def plan_steps(rows: int, *, batch_size: int, grad_accum: int, processes: int, epochs: float,
+               max_steps: int | None) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch): micro-batches per process, grouped by accumulation."""
+    per_process_batches = math.ceil(math.ceil(rows / batch_size) / processes)
+    per_epoch = steps_per_epoch(per_process_batches, grad_accum)
+    return max_steps or max(math.ceil(per_epoch * epochs), 1), per_epoch

@@ -163,8 +163,7 @@ def model_facts(config: Any, num_labels: int | None = None) -> ModelFacts:
     arch = architecture_for(model_config.model_type)
     model = load_backbone(mc.name, mc.task, labels, dtype=mc.dtype, revision=mc.revision, trust_remote_code=mc.trust_remote_code, meta=True)
     heads = {h.split(".")[-1] for h in head_modules(model, arch)} | set(arch.head)
-    spec = AdapterSpec(method=ac.method, r=ac.r, alpha=ac.alpha, dropout=ac.dropout, target_modules=ac.target_modules,
-                       modules_to_save=ac.modules_to_save, init_r=ac.init_r, target_r=ac.target_r)
+    spec = AdapterSpec.from_section(ac)
     model, _ = inject(model, arch, spec)
 
     quantizable_ids: dict[int, int] = {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from peftkit.config import Config, dump_config, load_config
 from peftkit.data import infer_labels, make_loader, prepared_for, splits_for
 from peftkit.distributed import make_accelerator, topology_summary
 from peftkit.errors import UserError, guarded
-from peftkit.loop import LoopSettings, TrainState, evaluate, fit, steps_per_epoch
+from peftkit.loop import LoopSettings, TrainState, evaluate, fit, plan_steps
 from peftkit.memory import peak_memory, print_estimate
 from peftkit.models import architecture_for, head_modules, load_backbone, load_model_config, load_processor
 from peftkit.optim import make_optimizer, make_scheduler, param_groups, warmup_steps
@@ -113,13 +112,11 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
                            seed=tc.seed, group_by_length=tc.group_by_length)
 
     def optimizer_steps(batch_size: int, grad_accum: int) -> tuple[int, int]:
-        per_process_batches = math.ceil(math.ceil(len(prepared.train) / batch_size) / accelerator.num_processes)
-        per_epoch = steps_per_epoch(per_process_batches, grad_accum)
-        return tc.max_steps or max(math.ceil(per_epoch * tc.epochs), 1), per_epoch
+        return plan_steps(len(prepared.train), batch_size=batch_size, grad_accum=grad_accum,
+                          processes=accelerator.num_processes, epochs=tc.epochs, max_steps=tc.max_steps)
 
     total_steps, per_epoch = optimizer_steps(micro, accum)
-    spec = AdapterSpec(method=ac.method, r=ac.r, alpha=ac.alpha, dropout=ac.dropout, target_modules=ac.target_modules,
-                       modules_to_save=ac.modules_to_save, init_r=ac.init_r, target_r=ac.target_r, total_steps=total_steps)
+    spec = AdapterSpec.from_section(ac, total_steps)
     heads = head_modules(model, arch)
     model, targets = inject(model, arch, spec)
     trainable, total = count_parameters(model)
