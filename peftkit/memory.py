@@ -273,13 +273,15 @@ def activation_rows(f: ModelFacts, s: Setup) -> dict[str, float]:
     per_layer = b * t * (a_h * h + a_i * f.intermediate) * act_bytes
     if model.relative_attention:
         per_layer += _relative_terms(f.config, b, t, mode) * act_bytes / 4
-    if s.bits == 8:
-        # bitsandbytes' 8-bit matmul keeps each frozen linear layer's input for its backward
-        # (q/k/v share one): attention input, attention output, feed-forward input and hidden.
-        per_layer += b * t * (3 * h + f.intermediate) * act_bytes
+    # bitsandbytes' 8-bit matmul keeps each frozen linear layer's input for its backward (q/k/v
+    # share one): attention input, attention output, feed-forward input and hidden. It stores them
+    # on its autograd context, not through save_for_backward, so checkpointing does not free them.
+    int8_inputs = b * t * (3 * h + f.intermediate) * act_bytes if s.bits == 8 else 0.0
+    per_layer += int8_inputs
     outside = 4 * b * t * h * act_bytes  # embeddings (+ layer norm, dropout), pooler, logits
     if s.checkpointing:
-        saved = f.layers * b * t * h * act_bytes + outside  # each layer's input; one layer is recomputed at a time
+        # Each layer's input (one layer is recomputed at a time), plus the 8-bit inputs above.
+        saved = f.layers * (b * t * h * act_bytes + int8_inputs) + outside
         working = 2 * per_layer  # the recomputed layer and the gradients flowing through it
     else:
         saved = f.layers * per_layer + outside
