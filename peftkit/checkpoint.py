@@ -115,9 +115,8 @@ def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def prune(root: Path, keep: int, protect: Path | None = None) -> None:
-    """Keep the newest ``keep`` step checkpoints (and never ``protect``)."""
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step checkpoints."""
     ckpts = step_checkpoints(root)
     for _, path in ckpts[: max(len(ckpts) - keep, 0)]:
-        if protect is None or path.resolve() != protect.resolve():
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)

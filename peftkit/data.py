@@ -320,14 +320,14 @@ def image_collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "labels": torch.stack([torch.as_tensor(r["labels"]) for r in rows])}
 
 
-def make_loader(ds: Dataset, *, batch_size: int, collate: Callable, shuffle: bool, seed: int = 0, group_by_length: bool = False,
-                num_workers: int = 0) -> DataLoader:
+def make_loader(ds: Dataset, *, batch_size: int, collate: Callable, shuffle: bool, seed: int = 0,
+                group_by_length: bool = False) -> DataLoader:
     """A loader: training ones use :class:`EpochSampler`; evaluation keeps the data's order."""
     sampler = None
     if shuffle:
         lengths = list(ds["length"]) if group_by_length and "length" in ds.column_names else None
         sampler = EpochSampler(len(ds), seed, lengths, batch_size)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
 
 def text_collate(tokenizer: Any) -> Callable:

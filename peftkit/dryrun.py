@@ -89,11 +89,8 @@ def _memory_estimate(config: Config, processes: int, num_labels: int) -> str | N
 
     from peftkit import memory
 
-    report = getattr(memory, "report", None)
-    if not callable(report):
-        return None
     try:
-        return str(report(config, processes=processes, device="cuda" if torch.cuda.is_available() else "cpu", num_labels=num_labels))
+        return str(memory.report(config, processes=processes, device="cuda" if torch.cuda.is_available() else "cpu", num_labels=num_labels))
     except Exception as exc:  # an estimate is advice; its failure must not hide the rest of the plan
         return f"unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
 

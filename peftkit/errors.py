@@ -15,9 +15,6 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """A mistake the user can fix; the message names the culprit and the fix."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        self.hint = hint
-        super().__init__(message if hint is None else f"{message} {hint}")
 
 
 def guarded(action: Callable[[], object], *, debug: bool = False) -> int:

@@ -253,11 +253,9 @@ def fit(
                     continue
                 state.step += 1
                 bar.update(1)
-                if bad:
-                    if main:
-                        tqdm.write(f"[peftkit] non-finite loss at step {state.step}: step skipped (train.on_nan: skip)")
-                    if main:
-                        log.log({"step": state.step, "skipped_nonfinite": 1})
+                if bad and main:
+                    tqdm.write(f"[peftkit] non-finite loss at step {state.step}: step skipped (train.on_nan: skip)")
+                    log.log({"step": state.step, "skipped_nonfinite": 1})
                 # A window of only skipped (non-finite) steps has no loss to report; it carries over.
                 if (state.step % s.log_every == 0 or state.step == s.total_steps) and running_n:
                     elapsed = time.perf_counter() - window_start

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +86,11 @@ class TaskSpec:
 
     auto_model: Any
     processor_kind: str  # "tokenizer" or "image_processor"
-    input_names: tuple[str, ...] = field(default=())
 
 
 TASKS: dict[str, TaskSpec] = {
-    "text-classification": TaskSpec(AutoModelForSequenceClassification, "tokenizer", ("input_ids", "attention_mask")),
-    "image-classification": TaskSpec(AutoModelForImageClassification, "image_processor", ("pixel_values",)),
+    "text-classification": TaskSpec(AutoModelForSequenceClassification, "tokenizer"),
+    "image-classification": TaskSpec(AutoModelForImageClassification, "image_processor"),
 }
 
 
