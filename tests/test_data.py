@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import random
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from peftkit import data, models, tiny
-from peftkit.data import EpochSampler, load_source, load_splits, make_loader, prepare
+from peftkit.data import EpochSampler, length_grouped_order, load_source, load_splits, make_loader, prepare
 from peftkit.errors import UserError
 
 TEXT, IMAGE = "text-classification", "image-classification"
@@ -321,6 +322,24 @@ def test_epoch_sampler_groups_by_length() -> None:
     assert waste_grouped < 0.5 * waste_plain
     grouped.set_epoch(1)
     assert list(grouped) != order
+
+
+def test_length_grouping_shuffles_whole_batches_and_keeps_a_partial_batch_last() -> None:
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 200) for _ in range(1002)]  # 250 full batches of 4 and one of 2
+    order = length_grouped_order(lengths, 4, torch.Generator().manual_seed(0), pool_batches=50)
+    assert sorted(order) == list(range(1002))
+    batches = [order[k:k + 4] for k in range(0, len(order), 4)]
+    assert len(batches[-1]) == 2 and all(len(b) == 4 for b in batches[:-1])
+    # Rows within a batch come from one sorted pool: similar lengths.
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 15
+    # The batch order is not the long-to-short walk of transformers' grouping: batch lengths go up
+    # about as often as they go down (a sorted walk would go down ~49 of every 50 batches).
+    means = [sum(lengths[i] for i in b) / len(b) for b in batches[:-1]]
+    ups = sum(b > a for a, b in itertools.pairwise(means))
+    assert 0.35 < ups / (len(means) - 1) < 0.65
+    assert lengths[order[0]] == max(lengths)
 
 
 def test_make_loader_uses_the_sampler_only_for_training(tmp_path: Path, tokenizer: Any) -> None:
