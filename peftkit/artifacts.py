@@ -169,6 +169,32 @@ def model_folder(path: Path) -> Path:
     raise UserError(f"{path} is not a peftkit run or model folder (no config.yaml and labels.json in it, its best/ or model/).")
 
 
+@dataclass
+class ModelFolder:
+    """A model folder's settings, read and checked against its manifest; no weights loaded."""
+
+    folder: Path
+    config: Config
+    labels: list[str]
+
+
+def read_model_folder(path: Path) -> ModelFolder:
+    """Find the model folder in ``path`` (see :func:`model_folder`), verify it, read its config and labels.
+
+    A folder whose manifest disagrees with its files is refused; one without a manifest (edited by
+    hand, or copied without it) is read as it is, and a damaged file shows up when it is loaded.
+    """
+    if not path.exists():
+        raise UserError(f"`{path}` does not exist; give a run directory (its best/ is used) or a model folder.")
+    folder = model_folder(path)
+    reason = checkpoint.verify_manifest(folder)
+    if reason is not None and (folder / checkpoint.MANIFEST).exists():
+        raise UserError(f"Model folder {folder} fails verification: {reason}. Use another checkpoint (last/, checkpoints/) or retrain.")
+    config = validate_config(read_yaml(folder / "config.yaml"), source=str(folder / "config.yaml"))
+    labels = json.loads((folder / "labels.json").read_text())
+    return ModelFolder(folder, config, labels)
+
+
 _SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
                             r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
 
@@ -195,12 +221,8 @@ def load_trained(path: Path, *, quantized: bool = True, device: str | torch.devi
     from peftkit.models import TASKS, load_backbone, load_processor
     from peftkit.quant import bnb_config, disable_cpu_repacking
 
-    folder = model_folder(Path(path))
-    reason = checkpoint.verify_manifest(folder)
-    if reason is not None and (folder / checkpoint.MANIFEST).exists():
-        raise UserError(f"Model folder {folder} fails verification: {reason}. Use another checkpoint or retrain.")
-    config = validate_config(read_yaml(folder / "config.yaml"), source=str(folder / "config.yaml"))
-    labels = json.loads((folder / "labels.json").read_text())
+    read = read_model_folder(Path(path))
+    folder, config, labels = read.folder, read.config, read.labels
     processor = load_processor(str(folder), config.model.task)
     is_adapter = (folder / "adapter_config.json").is_file()
     if not is_adapter:

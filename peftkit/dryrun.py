@@ -49,7 +49,15 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
     from peftkit.adapters import AdapterSpec, count_parameters, inject
     from peftkit.data import infer_labels, prepared_for, splits_for
     from peftkit.loop import plan_steps
-    from peftkit.models import _prefers_safetensors, architecture_for, load_backbone, load_model_config, load_processor, resolve_name
+    from peftkit.models import (
+        _prefers_safetensors,
+        architecture_for,
+        head_modules,
+        load_backbone,
+        load_model_config,
+        load_processor,
+        resolve_name,
+    )
     from peftkit.quant import check_quantization
 
     tc, mc, ac, dc, qc = config.train, config.model, config.adapter, config.data, config.quantization
@@ -70,6 +78,7 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
     # Shapes only: the meta device allocates nothing, so this works for models larger than memory.
     model = load_backbone(mc.name, mc.task, labels, dtype=mc.dtype, revision=mc.revision,
                           trust_remote_code=mc.trust_remote_code, meta=True)
+    heads = head_modules(model, arch)  # before injection: peft renames and wraps them
     spec = AdapterSpec.from_section(ac, total_steps)
     model, targets = inject(model, arch, spec)
     trainable, total = count_parameters(model)
@@ -79,18 +88,24 @@ def plan(config: Config, *, processes: int = 1, preview_rows: int = 3) -> Plan:
         trainable=trainable, total=total, train_rows=len(prepared.train), validation_rows=len(prepared.validation),
         test_rows=None if prepared.test is None else len(prepared.test), processes=processes,
         effective_batch=tc.batch_size * tc.grad_accum * processes, steps_per_epoch=per_epoch, total_steps=total_steps,
-        memory=_memory_estimate(config, processes, len(labels)), preview=_preview(prepared.train, mc.task, processor, labels, preview_rows),
+        memory=_memory_estimate(config, processes, model, model_config, heads),
+        preview=_preview(prepared.train, mc.task, processor, labels, preview_rows),
     )
 
 
-def _memory_estimate(config: Config, processes: int, num_labels: int) -> str | None:
-    """The estimator's table (as ``peftkit estimate`` prints it); the dry run never fails because of it."""
+def _memory_estimate(config: Config, processes: int, model: Any, model_config: Any, heads: list[str]) -> str | None:
+    """The estimator's table (as ``peftkit estimate`` prints it); the dry run never fails because of it.
+
+    Counted from the plan's meta model (adapter injected, ``heads`` found before injection), so the
+    model is built once: the same backbone and adapter the estimator would build for itself.
+    """
     import torch
 
     from peftkit import memory
 
     try:
-        return str(memory.report(config, processes=processes, device="cuda" if torch.cuda.is_available() else "cpu", num_labels=num_labels))
+        facts = memory.facts_of_model(config, model, model_config, heads)
+        return str(memory.report(config, processes=processes, device="cuda" if torch.cuda.is_available() else "cpu", facts=facts))
     except Exception as exc:  # an estimate is advice; its failure must not hide the rest of the plan
         return f"unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
 

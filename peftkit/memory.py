@@ -162,15 +162,26 @@ def model_facts(config: Any, num_labels: int | None = None) -> ModelFacts:
     model_config = load_model_config(mc.name, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     arch = architecture_for(model_config.model_type)
     model = load_backbone(mc.name, mc.task, labels, dtype=mc.dtype, revision=mc.revision, trust_remote_code=mc.trust_remote_code, meta=True)
-    heads = {h.split(".")[-1] for h in head_modules(model, arch)} | set(arch.head)
-    spec = AdapterSpec.from_section(ac)
-    model, _ = inject(model, arch, spec)
+    heads = head_modules(model, arch)
+    model, _ = inject(model, arch, AdapterSpec.from_section(ac))
+    return facts_of_model(config, model, model_config, heads)
 
+
+def facts_of_model(config: Any, model: nn.Module, model_config: Any, heads: list[str]) -> ModelFacts:
+    """:class:`ModelFacts` of a model already built on the meta device, its adapter injected.
+
+    ``heads`` are the head modules found before injection (:func:`peftkit.models.head_modules`):
+    quantization skips them, so their linear layers are not counted as quantizable.
+    """
+    from peftkit.models import architecture_for
+
+    mc, ac = config.model, config.adapter
+    head_names = {h.split(".")[-1] for h in heads} | set(architecture_for(model_config.model_type).head)
     quantizable_ids: dict[int, int] = {}
     rows = largest = 0
     for name, module in model.named_modules():
         parts = set(name.split("."))
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad and not parts & heads and "original_module" not in parts:
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad and not parts & head_names and "original_module" not in parts:
             quantizable_ids[id(module.weight)] = module.out_features
             rows += module.out_features
             largest = max(largest, module.weight.numel())
@@ -392,9 +403,12 @@ def parse_size(text: str) -> float:
 
 
 def report(config: Any, *, processes: int = 1, budget: float | None = None, device: str = "cuda",
-           num_labels: int | None = None) -> str:
-    """The estimate of a config, and with ``budget`` the plan that fits it."""
-    facts = model_facts(config, num_labels)
+           num_labels: int | None = None, facts: ModelFacts | None = None) -> str:
+    """The estimate of a config, and with ``budget`` the plan that fits it.
+
+    ``facts``: the model already counted (:func:`facts_of_model`), so it is not built a second time.
+    """
+    facts = facts if facts is not None else model_facts(config, num_labels)
     base = setup_from_config(config, processes)
     est = estimate(facts, base, device)
     text = format_table(facts, base, est)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from peftkit import artifacts, checkpoint
-from peftkit.config import Config, read_yaml, validate_config
+from peftkit.config import Config
 from peftkit.errors import UserError, guarded
 from peftkit.inference import encode_images, encode_texts, forward_logits
 
@@ -87,19 +87,13 @@ class Source:
 
 def read_source(path: str | Path) -> Source:
     """A run directory or model folder, its config, labels, metrics and adapter settings."""
-    if not Path(path).exists():
-        raise UserError(f"`{path}` does not exist; give a run directory (its best/ is used) or a model folder.")
-    folder = artifacts.model_folder(Path(path))
-    reason = checkpoint.verify_manifest(folder)
-    if reason is not None and (folder / checkpoint.MANIFEST).exists():
-        raise UserError(f"Model folder {folder} fails verification: {reason}. Use another checkpoint (last/, checkpoints/) or retrain.")
-    config = validate_config(read_yaml(folder / "config.yaml"), source=str(folder / "config.yaml"))
-    labels = json.loads((folder / "labels.json").read_text())
+    read = artifacts.read_model_folder(Path(path))
+    folder = read.folder
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     adapter_file = folder / "adapter_config.json"
     adapter_config = json.loads(adapter_file.read_text()) if adapter_file.is_file() else None
     run_name = folder.parent.name if folder.name in ("best", "last", "model") else folder.name
-    return Source(re.sub(r"\W", "_", run_name) or "adapter", folder, config, labels, metrics, adapter_config)
+    return Source(re.sub(r"\W", "_", run_name) or "adapter", folder, read.config, read.labels, metrics, adapter_config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +501,7 @@ def model_card(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line of ``peftkit merge``."""
     p = argparse.ArgumentParser(prog="peftkit merge", description="Merge adapter(s) into the base, save a plain Transformers model, verify it.")
     p.add_argument("sources", nargs="+", help="run directories or model folders (best/, last/); several to combine adapters")
     p.add_argument("--out", required=True, help="output folder (written atomically; nothing is left there if verification fails)")
@@ -518,9 +513,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default: equal)")
     p.add_argument("--method", choices=COMBINATIONS, default="linear", help="peft combination of several LoRA adapters")
     p.add_argument("--density", type=float, default=None, help="share of weights kept by ties/dare/magnitude_prune")
-    head = p.add_mutually_exclusive_group()
-    head.add_argument("--head-from", default=None, help="use this adapter's head (adapter names: the run folder names)")
-    head.add_argument("--head", choices=["weighted"], default=None, help="weighted average of the heads (the default)")
+    # The weighted average is the default head and has no flag of its own: a flag that only restates
+    # the default is never read, and `--head` would also be argparse's abbreviation of `--head-from`.
+    p.add_argument("--head-from", default=None, metavar="NAME",
+                   help="use this adapter's head instead of the weighted average of all heads (the default); "
+                        "adapter names are the run folder names")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p.parse_args(argv)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
 
 from peftkit import checkpoint
 from peftkit.adapters import METHODS, AdapterSpec, count_parameters, inject
@@ -55,6 +56,31 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return found
 
 
+def choose_resume_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
+    """:func:`find_resume_checkpoint` on the main process only; the other processes receive its answer.
+
+    Verifying hashes every file of every candidate checkpoint: done on each of N ranks, the same
+    folder is read N times for one answer. Its messages (skipped checkpoints) print once, and a
+    refusal is raised on every rank, so none is left waiting for the others.
+    """
+    choice: list[str | None] = [None, None]  # [chosen folder, refusal message]
+    failure: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            found = find_resume_checkpoint(run_dir, resume)
+            choice[0] = None if found is None else str(found)
+        except Exception as exc:  # the others wait for an answer: a failure must reach them too
+            failure = exc
+            choice[1] = str(exc) if isinstance(exc, UserError) else f"the main process could not choose a checkpoint ({exc!r})"
+    if accelerator.num_processes > 1:
+        choice = broadcast_object_list(choice, from_process=0)
+    if failure is not None:
+        raise failure
+    if choice[1] is not None:
+        raise UserError(choice[1])
+    return None if choice[0] is None else Path(choice[0])
+
+
 def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train one config; returns the final summary (also written to ``summary.json``)."""
     t_start = time.time()
@@ -70,7 +96,7 @@ def run(config: Config, *, resume: str | None = None, overwrite: bool = False) -
         raise UserError("`train.on_nan: skip` with `train.grad_accum` > 1 does not work under DeepSpeed (a skipped backward "
                         "also skips its micro-step count); use `train.on_nan: stop` or `train.grad_accum: 1` there.")
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
+    resume_from = choose_resume_checkpoint(accelerator, run_dir, resume) if resume else None
     accelerator.wait_for_everyone()  # every rank has looked at the folder before the main one writes into it
     if main:
         if overwrite and resume_from is None and run_dir.exists():

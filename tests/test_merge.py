@@ -152,6 +152,16 @@ def test_two_adapters_with_trained_heads(pair: dict, tmp_path: Path) -> None:
     assert all(torch.equal(state_b[k], v) for k, v in head_b.items())
 
 
+def test_head_choice_is_head_from_or_the_weighted_default(capsys: pytest.CaptureFixture) -> None:
+    """Only `--head-from` selects a head; no option merely restates the default (weighted average)."""
+    default = merge.parse_args(["a", "b", "--out", "x"])
+    assert default.head_from is None and not hasattr(default, "head")
+    assert merge.parse_args(["a", "b", "--out", "x", "--head-from", "b"]).head_from == "b"
+    with pytest.raises(SystemExit):
+        merge.parse_args(["--help"])
+    assert "weighted average of all heads (the default)" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(("other", "extra", "message"), [
     ("r8", ["--method", "linear"], "equal rank"),
     ("relabelled", [], "same label set"),

@@ -123,6 +123,24 @@ def test_memory_estimate_is_shown_when_available(assets, tmp_path, monkeypatch, 
     assert "memory: unavailable (ZeroDivisionError" in out and "no weights were loaded" in out
 
 
+@pytest.mark.parametrize(("kind", "method"), [("text", "lora"), ("text", "adalora"), ("text", "full"), ("text", "freeze"), ("image", "ia3")])
+def test_plan_builds_the_model_once_and_estimates_like_the_estimator(assets, tmp_path, monkeypatch, kind, method):
+    import torch
+
+    from peftkit import dryrun, memory, models
+
+    cfg = validate_config((text_config if kind == "text" else image_config)(assets, tmp_path / "run", adapter={"method": method}))
+    real = models.load_backbone
+    built = []
+    monkeypatch.setattr(models, "load_backbone", lambda *a, **k: built.append(k.get("meta")) or real(*a, **k))
+    p = dryrun.plan(cfg, preview_rows=0)
+    assert built == [True], "the meta model was built more than once"
+    # The estimate counted from the plan's model is the one `peftkit estimate` gives for the config.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert p.memory == memory.report(cfg, device=device, num_labels=len(p.labels))
+    assert len(built) == 2  # the estimator, on its own, builds its model
+
+
 def test_trust_remote_code_is_off_and_strict(assets, tmp_path):
     cfg = validate_config(text_config(assets, tmp_path))
     assert cfg.model.trust_remote_code is False
