@@ -48,19 +48,21 @@ class Case:
 
 CASES: list[Case] = [
     # Full-size architectures from their configs, random weights: speed and memory only.
-    Case("debv3base-lora-s64", "deberta-v3-base", "lora", "synthetic-short", max_length=64, batch_size=4, steps=3),
-    Case("vitbase-lora", "vit-base", "lora", "images", batch_size=4, steps=3),
+    Case("debv3base-lora-s64", "deberta-v3-base", "lora", "synthetic-short", max_length=64, batch_size=4, steps=6),
+    Case("vitbase-lora", "vit-base", "lora", "images", batch_size=4, steps=5),
     # Real weights, real data: accuracy matters (fewer repeats: each run trains and tests for real).
     Case("minilm-lora-rt", "minilm", "lora", "rotten_tomatoes", max_length=64, batch_size=32, steps=150, lr=1e-3, accuracy=True, repeats=1),
     Case("minilm-full-rt", "minilm", "full", "rotten_tomatoes", max_length=64, batch_size=16, steps=20, lr=5e-5, accuracy=True, repeats=1),
     Case("minilm-freeze-rt", "minilm", "freeze", "rotten_tomatoes", max_length=64, batch_size=16, steps=20, lr=3e-3, accuracy=True, repeats=1),
-    Case("minilm-lora-long", "minilm", "lora", "synthetic-long", max_length=256, batch_size=8, steps=4, lr=1e-3),
+    Case("minilm-lora-long", "minilm", "lora", "synthetic-long", max_length=256, batch_size=8, steps=8, lr=1e-3),
     Case("debv3base-full-s64", "deberta-v3-base", "full", "synthetic-short", max_length=64, batch_size=4, steps=3, lr=2e-5, repeats=1),
     # What makes peftkit fast, one switch at a time (A: peftkit defaults, B: the switch flipped).
-    Case("ablate-group-by-length", "minilm", "lora", "synthetic-long", max_length=256, batch_size=8, steps=3, lr=1e-3,
-         b_side="peftkit", b_overrides={"train.group_by_length": True}, note="B: train.group_by_length=true (off by default)"),
+    Case("ablate-group-by-length", "minilm", "lora", "rotten_tomatoes", max_length=64, batch_size=32, steps=30, lr=1e-3,
+         b_side="peftkit", b_overrides={"train.group_by_length": False}, note="B: train.group_by_length=false (on by default)"),
     Case("ablate-bf16", "minilm", "lora", "synthetic-long", max_length=256, batch_size=8, steps=3, lr=1e-3,
          b_side="peftkit", b_overrides={"train.precision": "bf16"}, note="B: train.precision=bf16"),
+    Case("ablate-compile", "minilm", "lora", "synthetic-short", max_length=64, batch_size=8, steps=60, lr=1e-3, repeats=1,
+         b_side="peftkit", b_overrides={"train.compile": True}, note="B: train.compile=true (off by default); B's time includes compiling"),
     Case("debv3base-lora-s256", "deberta-v3-base", "lora", "synthetic-long", max_length=256, batch_size=4, steps=2, repeats=1),
 ]
 
