@@ -37,7 +37,7 @@ class Case:
     b_side: str = "trainer"
     b_overrides: dict[str, Any] = field(default_factory=dict)
     a_overrides: dict[str, Any] = field(default_factory=dict)
-    accuracy: bool = False  # real weights + held-out test split
+    accuracy: bool = False  # real weights + held-out test split; repeat r trains with seed 42 + r on both sides
     repeats: int | None = None  # at most this many A/B pairs (long runs); None: the runner's --repeats
     note: str = ""
 
@@ -51,7 +51,7 @@ CASES: list[Case] = [
     Case("debv3base-lora-s64", "deberta-v3-base", "lora", "synthetic-short", max_length=64, batch_size=4, steps=6),
     Case("vitbase-lora", "vit-base", "lora", "images", batch_size=4, steps=5),
     # Real weights, real data: accuracy matters (fewer repeats: each run trains and tests for real).
-    Case("minilm-lora-rt", "minilm", "lora", "rotten_tomatoes", max_length=64, batch_size=32, steps=150, lr=1e-3, accuracy=True, repeats=1),
+    Case("minilm-lora-rt", "minilm", "lora", "rotten_tomatoes", max_length=64, batch_size=32, steps=150, lr=1e-3, accuracy=True, repeats=3),
     Case("minilm-full-rt", "minilm", "full", "rotten_tomatoes", max_length=64, batch_size=16, steps=20, lr=5e-5, accuracy=True, repeats=1),
     Case("minilm-freeze-rt", "minilm", "freeze", "rotten_tomatoes", max_length=64, batch_size=16, steps=20, lr=3e-3, accuracy=True, repeats=1),
     Case("minilm-lora-long", "minilm", "lora", "synthetic-long", max_length=256, batch_size=8, steps=8, lr=1e-3),

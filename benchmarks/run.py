@@ -140,11 +140,12 @@ def summarise(case: C.Case, runs: list[dict[str, Any]], fi: dict[str, float], pe
         linear = fi["linear_params"] + (trainable if case.method == "lora" else 0)
         flops = train_flops_per_sample(case.method, linear_params=linear, trainable=trainable, layers=fi["layers"], hidden=fi["hidden"],
                                        mean_t=fi["mean_t"], mean_t2=fi["mean_t2"])
+        # Accuracy cases train each pair with its own seed: the mean over seeds, not one seed's luck.
         accs = [r["test_accuracy"] for r in side if r.get("test_accuracy") is not None]
         out[label] = {"samples_per_s": sps, "peak_mib": statistics.median(r["peak_train_bytes"] for r in side) / 2**20,
                       "process_peak_mib": statistics.median(r["peak_bytes"] for r in side) / 2**20,
                       "trainable_parameters": trainable, "gflop_per_sample": flops / 1e9, "mfu": flops * sps / peak_flops,
-                      "test_accuracy": statistics.median(accs) if accs else None}
+                      "test_accuracy": statistics.mean(accs) if accs else None, "test_accuracies": accs}
     return out
 
 
@@ -153,7 +154,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             "| process memory A/B | A MFU | B MFU | A test acc | B test acc |")
     lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores), "
              f"{report['machine']['threads']} thread(s) per run, torch {report['machine']['torch']}, transformers {report['machine']['transformers']}, "
-             f"peft {report['machine']['peft']}  ", f"Peak: {report['machine']['peak_derivation']}", "", head, "|" + "---|" * 14]
+             f"peft {report['machine']['peft']}  ", f"Peak: {report['machine']['peak_derivation']}  "]
+    lines += [f"Re-run later into this report: `{u['command']}` ({u['started']}; {', '.join(u['cases'])})  " for u in report.get("updates", [])]
+    lines += ["", head, "|" + "---|" * 14]
     for c in report["cases"]:
         s = c["summary"]
         if "error" in s:
@@ -174,6 +177,10 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     for c in report["cases"]:
         if c.get("note"):
             lines.append(f"- {c['name']}: {c['note']}")
+        s = c["summary"]
+        if "error" not in s and len(s["a"].get("test_accuracies") or []) > 1:
+            per_seed = {side: ", ".join(f"{100 * x:.1f}" for x in s[side]["test_accuracies"]) for side in "ab"}
+            lines.append(f"- {c['name']}: test accuracy (%) per seed (42, 43, ...): A {per_seed['a']}; B {per_seed['b']}; the table shows the means")
     micro = report.get("micro") or {}
     if micro and "error" not in micro:
         lines += ["", "Per-step micro-benchmarks (ms per call, median; `python -m benchmarks.micro`):", "",
@@ -261,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results, or benchmarks/results/quick)")
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "benchmarks", help="models, data and run folders")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--update", action="store_true", help="re-run the selected cases into the existing report in --out (others kept)")
     args = p.parse_args(argv)
     os.environ.update({k: v for k, v in child_env(args.threads).items() if k != "PYTHONPATH"})
     repeats = args.repeats or (1 if args.quick else 3)
@@ -272,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     report: dict[str, Any] = {"command": command, "mode": "quick" if args.quick else "full", "repeats": repeats, "machine": info,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": []}
+    if args.update:  # the earlier report, its cases kept in order; the re-run ones are replaced below
+        earlier = json.loads((out / "results.json").read_text())
+        earlier.setdefault("updates", []).append({"command": command, "started": report["started"], "machine": info,
+                                                  "cases": [c.name for c in select(args.cases)]})
+        report = earlier
     for case in select(args.cases):
         if args.steps:
             case = dataclasses.replace(case, steps=args.steps)
@@ -282,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for r in range(min(repeats, case.repeats or repeats)):
             for label in ("a", "b"):  # A B A B ...: drift of a shared machine hits both sides alike
-                run_cfg = C.with_overrides(cfg[label], {"output.dir": str(work / "runs" / case.name / f"{label}{r}")})
+                per_run = {"output.dir": str(work / "runs" / case.name / f"{label}{r}")}
+                if case.accuracy:
+                    per_run["train.seed"] = cfg[label]["train"]["seed"] + r  # both sides of pair r share seed 42 + r
+                run_cfg = C.with_overrides(cfg[label], per_run)
                 if args.quick:
                     result = measure_inprocess(sides[label], run_cfg)
                 else:
@@ -292,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{_sps(result):.2f} samples/s, {result['peak_train_bytes'] / 2**20:.0f} MiB ({result['peak_bytes'] / 2**20:.0f} with saving)")
                 print(f"[bench] {case.name} {label}={sides[label]} #{r}: {shown}", flush=True)
         summary = summarise(case, runs, fi, info["peak_flops"])
+        report["cases"] = [c for c in report["cases"] if c["name"] != case.name]
         report["cases"].append({"name": case.name, "kind": case.kind, "method": case.method, "model": case.model, "data": case.data,
                                 "max_length": case.max_length, "batch_size": case.batch_size, "steps": base["train"]["max_steps"],
                                 "lr": case.lr, "precision": case.precision, "note": case.note, "b_side": case.b_side,
@@ -299,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         write_all(out, report)  # after each case: a run cut short keeps what it has
         if "error" not in summary:
             print(f"[bench] {case.name}: throughput A/B {summary['throughput_ratio']:.2f}x, memory A/B {summary['memory_ratio']:.2f}x", flush=True)
-    report["micro"] = run_micro(args.quick, args.threads)
+    report["cases"].sort(key=lambda c: [x.name for x in C.CASES].index(c["name"]) if c["name"] in {x.name for x in C.CASES} else len(C.CASES))
+    if not args.update:
+        report["micro"] = run_micro(args.quick, args.threads)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_all(out, report)
     print((out / "results.md").read_text())

@@ -146,6 +146,16 @@ def test_seeded_validation_carve(tmp_path: Path) -> None:
     assert sorted([*a.train["text"], *a.validation["text"]]) == sorted(r["text"] for r in tiny.sentiment_rows(40, seed=5))
 
 
+def test_validation_carve_is_stratified_and_keeps_rare_labels_in_training(tmp_path: Path) -> None:
+    rows = [{"text": f"row {i}", "label": "common" if i % 10 else "rare"} for i in range(60)]  # 6 rare rows
+    splits = load_splits(str(write_rows(tmp_path / "train.csv", rows)), None, None, validation_fraction=0.5, seed=3)
+    assert splits.validation["label"].count("rare") == 3 and splits.train["label"].count("rare") == 3
+    two = [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}, {"text": "c", "label": "y"}]  # "y" once: not stratifiable
+    fallback = load_splits(str(write_rows(tmp_path / "few.csv", two)), None, None, validation_fraction=0.34, seed=0)
+    assert (len(fallback.train), len(fallback.validation)) == (2, 1)
+    assert splits.train.features["label"].dtype in ("string", "large_string")  # the user's column keeps its type
+
+
 def test_given_validation_is_used_as_is(tmp_path: Path) -> None:
     train = write_rows(tmp_path / "train.csv", ROWS)
     val = write_rows(tmp_path / "val.jsonl", tiny.sentiment_rows(7, seed=9))
