@@ -155,7 +155,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores), "
              f"{report['machine']['threads']} thread(s) per run, torch {report['machine']['torch']}, transformers {report['machine']['transformers']}, "
              f"peft {report['machine']['peft']}  ", f"Peak: {report['machine']['peak_derivation']}  "]
-    lines += [f"Re-run later into this report: `{u['command']}` ({u['started']}; {', '.join(u['cases'])})  " for u in report.get("updates", [])]
+    lines += [f"Re-run later into this report: `{u['command']}` ({u['started']}; {', '.join(u['cases'])}; {u['machine']['cpu']}, "
+              f"{u['machine']['threads']} thread(s))  " for u in report.get("updates", [])]
     lines += ["", head, "|" + "---|" * 14]
     for c in report["cases"]:
         s = c["summary"]
@@ -178,7 +179,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         if c.get("note"):
             lines.append(f"- {c['name']}: {c['note']}")
         s = c["summary"]
-        if "error" not in s and len(s["a"].get("test_accuracies") or []) > 1:
+        if c.get("accuracy") and "error" not in s and len(s["a"].get("test_accuracies") or []) > 1:
             per_seed = {side: ", ".join(f"{100 * x:.1f}" for x in s[side]["test_accuracies"]) for side in "ab"}
             lines.append(f"- {c['name']}: test accuracy (%) per seed (42, 43, ...): A {per_seed['a']}; B {per_seed['b']}; the table shows the means")
     micro = report.get("micro") or {}
@@ -281,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"command": command, "mode": "quick" if args.quick else "full", "repeats": repeats, "machine": info,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": []}
     if args.update:  # the earlier report, its cases kept in order; the re-run ones are replaced below
+        if not (out / "results.json").exists():
+            p.error(f"--update needs an earlier report: {out / 'results.json'} does not exist (run without --update first).")
         earlier = json.loads((out / "results.json").read_text())
+        if (earlier["mode"], earlier["machine"]["threads"]) != (report["mode"], info["threads"]):
+            p.error(f"--update would mix runs: the report in {out} is {earlier['mode']} mode with {earlier['machine']['threads']} "
+                    f"thread(s), this run {report['mode']} with {info['threads']}; use the same --quick/--threads or another --out.")
         earlier.setdefault("updates", []).append({"command": command, "started": report["started"], "machine": info,
                                                   "cases": [c.name for c in select(args.cases)]})
         report = earlier
@@ -312,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         report["cases"].append({"name": case.name, "kind": case.kind, "method": case.method, "model": case.model, "data": case.data,
                                 "max_length": case.max_length, "batch_size": case.batch_size, "steps": base["train"]["max_steps"],
                                 "lr": case.lr, "precision": case.precision, "note": case.note, "b_side": case.b_side,
-                                "b_overrides": case.b_overrides, "flop_inputs": fi, "runs": runs, "summary": summary})
+                                "b_overrides": case.b_overrides, "accuracy": case.accuracy, "flop_inputs": fi, "runs": runs,
+                                "summary": summary})
         write_all(out, report)  # after each case: a run cut short keeps what it has
         if "error" not in summary:
             print(f"[bench] {case.name}: throughput A/B {summary['throughput_ratio']:.2f}x, memory A/B {summary['memory_ratio']:.2f}x", flush=True)

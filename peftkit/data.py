@@ -142,7 +142,7 @@ def _carve_validation(ds: Dataset, fraction: float, seed: int, label_column: str
     """
     labels = [str(v) for v in ds[label_column]] if label_column in ds.column_names else None
     counts = {v: labels.count(v) for v in set(labels)} if labels else {}
-    n_val = max(1, round(fraction * len(ds)))
+    n_val = min(max(1, round(fraction * len(ds))), len(ds) - 1)  # at least one row on each side
     stratify = bool(counts) and min(counts.values()) >= 2 and len(counts) <= n_val <= len(ds) - len(counts)
     # datasets' own (stratified) split on a two-column side table: the user's columns keep their
     # types, and scikit-learn (37 MiB in every training process) is not imported for it.
@@ -304,7 +304,7 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.G
     Tomatoes it matched plain shuffling's accuracy over 3 seeds; benchmarks/README.md). The batch with the longest row goes first
     (an out-of-memory shows on step 1, not mid-run); a partial batch stays last, because the loader
     cuts this flat order into batches of ``batch_size`` and a short block mid-way would shift the
-    cuts after it.
+    cuts after it (so when the longest row falls into that partial batch, it is not first).
     """
     perm = torch.randperm(len(lengths), generator=generator).tolist()
     pool = batch_size * pool_batches

@@ -69,8 +69,10 @@ def make_accelerator(*, precision: str, grad_accum: int, batch_size: int, max_gr
         # Accelerate's CPU mode switches DeepSpeed off; DeepSpeed picks its own CPU accelerator.
         os.environ.pop("ACCELERATE_USE_CPU", None)
     kwargs_handlers: list[Any] = []
-    if world > 1 and on_cpu:
-        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    if world > 1:
+        # 30 minutes for every collective (NCCL's default is 10): the other ranks wait in a broadcast
+        # while the main process verifies checkpoints on resume, and at barriers while it saves.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=timedelta(minutes=30)))
     plugin = None
     if deepspeed and os.environ.get(DS_CONFIG_ENV, "none") != "none":
         from accelerate.utils import DeepSpeedPlugin

@@ -76,13 +76,12 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     the Trainer baseline's on small models (benchmarks/README.md). Per class, F1 = 2TP / (2TP + FP +
     FN), and 0 where that is 0/0 (scikit-learn's ``zero_division=0``).
     """
-    preds, labels = logits.argmax(-1), np.asarray(labels)
-    classes = np.arange(logits.shape[-1])
-    hit = preds[:, None] == classes  # (rows, classes): predicted class c
-    true = labels[:, None] == classes  # (rows, classes): true class c
-    tp = (hit & true).sum(0)
-    denominator = hit.sum(0) + true.sum(0)  # 2TP + FP + FN
-    f1 = np.divide(2 * tp, denominator, out=np.zeros(len(classes)), where=denominator > 0)
+    preds, labels = logits.argmax(-1), np.asarray(labels, dtype=np.int64)
+    n = logits.shape[-1]
+    known = (labels >= 0) & (labels < n)  # a label outside the head's classes counts as a miss, not a class
+    tp = np.bincount(labels[known & (preds == labels)], minlength=n)
+    denominator = np.bincount(preds, minlength=n)[:n] + np.bincount(labels[known], minlength=n)  # 2TP + FP + FN
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(n), where=denominator > 0)
     return {"accuracy": float((preds == labels).mean()) if len(labels) else 0.0, "f1_macro": float(f1.mean())}
 
 

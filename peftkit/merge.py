@@ -502,7 +502,8 @@ def model_card(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line of ``peftkit merge``."""
-    p = argparse.ArgumentParser(prog="peftkit merge", description="Merge adapter(s) into the base, save a plain Transformers model, verify it.")
+    # No abbreviations: a removed option (`--head weighted`) must not silently become another (`--head-from`).
+    p = argparse.ArgumentParser(prog="peftkit merge", allow_abbrev=False, description="Merge adapter(s) into the base, save a plain Transformers model, verify it.")
     p.add_argument("sources", nargs="+", help="run directories or model folders (best/, last/); several to combine adapters")
     p.add_argument("--out", required=True, help="output folder (written atomically; nothing is left there if verification fails)")
     p.add_argument("--base", default=None, help="base model folder, when it moved since training (default: the run's model.name)")

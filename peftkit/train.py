@@ -64,12 +64,12 @@ def choose_resume_checkpoint(accelerator: Accelerator, run_dir: Path, resume: st
     refusal is raised on every rank, so none is left waiting for the others.
     """
     choice: list[str | None] = [None, None]  # [chosen folder, refusal message]
-    failure: Exception | None = None
+    failure: BaseException | None = None
     if accelerator.is_main_process:
         try:
             found = find_resume_checkpoint(run_dir, resume)
             choice[0] = None if found is None else str(found)
-        except Exception as exc:  # the others wait for an answer: a failure must reach them too
+        except BaseException as exc:  # the others wait for an answer: a failure (Ctrl-C too) must reach them
             failure = exc
             choice[1] = str(exc) if isinstance(exc, UserError) else f"the main process could not choose a checkpoint ({exc!r})"
     if accelerator.num_processes > 1:

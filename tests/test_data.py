@@ -153,6 +153,8 @@ def test_validation_carve_is_stratified_and_keeps_rare_labels_in_training(tmp_pa
     two = [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}, {"text": "c", "label": "y"}]  # "y" once: not stratifiable
     fallback = load_splits(str(write_rows(tmp_path / "few.csv", two)), None, None, validation_fraction=0.34, seed=0)
     assert (len(fallback.train), len(fallback.validation)) == (2, 1)
+    greedy = load_splits(str(write_rows(tmp_path / "few.csv", two)), None, None, validation_fraction=0.9, seed=0)
+    assert (len(greedy.train), len(greedy.validation)) == (1, 2)  # a fraction near 1 still leaves a training row
     assert splits.train.features["label"].dtype in ("string", "large_string")  # the user's column keeps its type
 
 
