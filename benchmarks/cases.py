@@ -63,6 +63,9 @@ CASES: list[Case] = [
          b_side="peftkit", b_overrides={"train.precision": "bf16"}, note="B: train.precision=bf16"),
     Case("ablate-compile", "minilm", "lora", "synthetic-short", max_length=64, batch_size=8, steps=60, lr=1e-3, repeats=1,
          b_side="peftkit", b_overrides={"train.compile": True}, note="B: train.compile=true (off by default); B's time includes compiling"),
+    # LoRA against full fine-tuning, both with peftkit: same architecture, data, batch and steps.
+    Case("debv3base-lora-vs-full", "deberta-v3-base", "lora", "synthetic-short", max_length=64, batch_size=4, steps=6, repeats=2,
+         b_side="peftkit", b_overrides={"adapter.method": "full", "train.lr": 2e-5}, note="B: adapter.method=full (lr 2e-5)"),
     Case("debv3base-lora-s256", "deberta-v3-base", "lora", "synthetic-long", max_length=256, batch_size=4, steps=2, repeats=1),
 ]
 

@@ -137,8 +137,9 @@ def summarise(case: C.Case, runs: list[dict[str, Any]], fi: dict[str, float], pe
         side = [p[idx] for p in pairs]
         sps = statistics.median(_sps(r) for r in side)
         trainable = side[0]["trainable_parameters"]
-        linear = fi["linear_params"] + (trainable if case.method == "lora" else 0)
-        flops = train_flops_per_sample(case.method, linear_params=linear, trainable=trainable, layers=fi["layers"], hidden=fi["hidden"],
+        method = case.b_overrides.get("adapter.method", case.method) if label == "b" else case.method
+        linear = fi["linear_params"] + (trainable if method == "lora" else 0)
+        flops = train_flops_per_sample(method, linear_params=linear, trainable=trainable, layers=fi["layers"], hidden=fi["hidden"],
                                        mean_t=fi["mean_t"], mean_t2=fi["mean_t2"])
         # Accuracy cases train each pair with its own seed: the mean over seeds, not one seed's luck.
         accs = [r["test_accuracy"] for r in side if r.get("test_accuracy") is not None]
