@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         write_all(out, report)  # after each case: a run cut short keeps what it has
         if "error" not in summary:
             print(f"[bench] {case.name}: throughput A/B {summary['throughput_ratio']:.2f}x, memory A/B {summary['memory_ratio']:.2f}x", flush=True)
-    report["cases"].sort(key=lambda c: [x.name for x in C.CASES].index(c["name"]) if c["name"] in {x.name for x in C.CASES} else len(C.CASES))
+    order = {case.name: i for i, case in enumerate(C.CASES)}
+    report["cases"].sort(key=lambda c: order.get(c["name"], len(order)))
     if not args.update:
         report["micro"] = run_micro(args.quick, args.threads)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
